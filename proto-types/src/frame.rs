@@ -57,13 +57,11 @@ impl FrameCodec {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
         out.extend_from_slice(&[0; 4]);
-        let mut out = postcard::to_extend(msg, std::mem::take(out))
-            .map_err(|e| FrameError::Encode(e.to_string()));
-        // postcard consumed the buffer; put it back whatever happened.
-        let buf = match &mut out {
-            Ok(buf) => buf,
-            Err(_) => return out.map(|_| ()),
-        };
+        if let Err(e) = postcard::to_io(msg, &mut *out) {
+            out.truncate(start);
+            return Err(FrameError::Encode(e.to_string()));
+        }
+        let buf = out;
         let len = buf.len() - start - HEADER_LEN;
         if len > self.max_payload {
             buf.truncate(start);

@@ -1,0 +1,845 @@
+//! The versioning rules: how a key's [`DvvSet`] is merged, how a coordinator
+//! writes into it with a client's causal context, and how last-write-wins prunes it.
+//!
+//! The types live in `dynamo_proto::version` as plain data; this module is the one
+//! place that may change what they mean. Everything here is a pure function of its
+//! arguments (the hybrid clock is fed an injected wall clock), so replicas, the
+//! simulator and the production node all compute the same versions.
+//!
+//! # The model
+//!
+//! A [`DvvSet`] is a dot store with a causal context (Almeida et al.'s causal
+//! CRDTs, with the semantics of Riak 2.0's dvvset). Every write is named by a
+//! [`Dot`]; the context is the set of dots the holder knows of, live or
+//! superseded; the siblings are the known writes that nothing known supersedes.
+//! A [`Context`] may carry exception dots besides its version vector, so a put's
+//! reply can say "the new dot and exactly what the client saw" without covering a
+//! sibling the client never saw.
+//!
+//! - [`merge`] is the join of a semilattice (commutative, associative,
+//!   idempotent): replicas may exchange and re-exchange sets in any order and
+//!   converge. A dot survives a merge when both sides hold it, or when the other
+//!   side has never heard of it.
+//! - [`write`] supersedes exactly the dots its request context covers. A write
+//!   without a context covers nothing and adds a sibling; `WriteMode::Overwrite`
+//!   (the Redis `SET`) also supersedes everything the coordinator holds.
+//! - [`Versioning::Lww`] keeps a single winner per key, the greatest by
+//!   `(timestamp, actor, counter)`. It can drop concurrent writes, and under
+//!   clock skew it can drop a write that causally followed the winner.
+//!
+//! # Why the version vector never lies
+//!
+//! Only a coordinator mints dots for its actor, always on top of its own stored
+//! set, and its actor changes (an epoch bump) on every restart. So a context whose
+//! version vector says `vv[a] = n` really has accounted for every dot `(a, 1..=n)`:
+//! no replica can later produce a dot of `a` at or below `n` that the context
+//! has not seen, and a dot a crash lost is simply never reused.
+//!
+//! # What this module must never do
+//!
+//! - Read a clock, draw randomness, or iterate in a randomly seeded order: the
+//!   same inputs must give the same versions on every node and in every run.
+//! - Let a merge resurrect a dot that one side's context covers and has dropped,
+//!   or drop a dot the other side has never heard of (that would lose a write).
+//! - Return a reply context that covers a sibling the writer's context did not
+//!   cover: a client holding it would silently supersede a write it never saw.
+
+use dynamo_proto::{Actor, Context, Dot, DvvSet, Hlc, Sibling, WriteMode};
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// How a cluster resolves concurrent writes to a key. Chosen at cluster creation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Versioning {
+    /// Keep every concurrent write as a sibling until a client resolves them by
+    /// writing back with the context of a read. Never drops an acknowledged write.
+    #[default]
+    Dvv,
+    /// Keep only the write with the greatest `(timestamp, actor, counter)`.
+    ///
+    /// This drops concurrent writes silently, and because timestamps come from
+    /// node clocks it can also drop a later write whose coordinator's clock runs
+    /// behind (a delete can lose to the value it meant to delete). The context is
+    /// still tracked: it covers every write the holder knows of, dropped or not.
+    Lww,
+}
+
+/// The default bound on the siblings (tombstones included) a key may hold.
+pub const DEFAULT_MAX_SIBLINGS: usize = 16;
+
+/// Why a write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    /// The write would leave more concurrent versions than the cluster allows.
+    #[error(
+        "the key would have {count} concurrent versions (siblings), more than the limit of \
+         {limit}: read the key, resolve the siblings into one value and write it back with \
+         the read's context"
+    )]
+    TooManySiblings { count: usize, limit: usize },
+}
+
+/// What a coordinator's [`write`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The coordinator's new stored set, to persist and send to the replicas.
+    pub set: DvvSet,
+    /// The dot minted for this write.
+    pub dot: Dot,
+    /// The context to return to the client: the request's context plus the new
+    /// dot. It covers no sibling the request's context did not cover, so a client
+    /// chaining writes with it supersedes only its own earlier writes.
+    pub reply_context: Context,
+}
+
+/// True when `ctx` covers `dot`: its counter is within the version vector's entry
+/// for the actor, or the dot is one of the exceptions. Counter 0 is never minted
+/// and counts as covered.
+pub fn covers(ctx: &Context, dot: &Dot) -> bool {
+    dot.counter <= vv_entry(ctx, &dot.actor) || ctx.dots.contains(dot)
+}
+
+/// Adds `dot` to a compact context and keeps it compact: a dot already covered
+/// changes nothing; a dot contiguous with the version vector is absorbed into it,
+/// together with any exception dots that then become contiguous; any other dot
+/// becomes an exception.
+pub fn context_insert(ctx: &mut Context, dot: Dot) {
+    let seen = vv_entry(ctx, &dot.actor);
+    if dot.counter <= seen {
+        return;
+    }
+    if dot.counter > seen + 1 {
+        ctx.dots.insert(dot);
+        return;
+    }
+    let mut top = dot.counter;
+    while ctx.dots.remove(&Dot {
+        actor: dot.actor,
+        counter: top + 1,
+    }) {
+        top += 1;
+    }
+    ctx.vv.insert(dot.actor, top);
+}
+
+/// Makes `into` cover the union of what it and `other` cover, compacted.
+pub fn context_merge(into: &mut Context, other: &Context) {
+    for (actor, &counter) in &other.vv {
+        let entry = into.vv.entry(*actor).or_insert(0);
+        *entry = (*entry).max(counter);
+    }
+    into.dots.extend(other.dots.iter().copied());
+    compact(into);
+}
+
+/// Brings a context to its canonical form: no zero entries in the version vector,
+/// no exception dot the version vector already covers, no exception dot
+/// contiguous with it. Two contexts cover the same dots exactly when their
+/// compact forms are equal. Contexts received from clients should be compacted.
+pub fn compact(ctx: &mut Context) {
+    ctx.vv.retain(|_, counter| *counter > 0);
+    if ctx.dots.is_empty() {
+        return;
+    }
+    let dots = std::mem::take(&mut ctx.dots);
+    // Dots sort by actor then counter, so one pass absorbs every run that becomes
+    // contiguous with the version vector.
+    for dot in dots {
+        let seen = vv_entry(ctx, &dot.actor);
+        if dot.counter <= seen {
+            continue;
+        }
+        if dot.counter == seen + 1 {
+            ctx.vv.insert(dot.actor, dot.counter);
+        } else {
+            ctx.dots.insert(dot);
+        }
+    }
+}
+
+/// The highest counter of `actor` that `ctx` covers (0 when none).
+pub fn max_counter(ctx: &Context, actor: &Actor) -> u64 {
+    let exceptions = ctx
+        .dots
+        .range(
+            Dot {
+                actor: *actor,
+                counter: 0,
+            }..=Dot {
+                actor: *actor,
+                counter: u64::MAX,
+            },
+        )
+        .next_back()
+        .map_or(0, |dot| dot.counter);
+    vv_entry(ctx, actor).max(exceptions)
+}
+
+/// True when the set keeps its invariants: every sibling's dot is covered by the
+/// set's context, and the context is compact. Sets from the network or the disk
+/// can be checked with it.
+pub fn is_well_formed(set: &DvvSet) -> bool {
+    let mut compacted = set.context.clone();
+    compact(&mut compacted);
+    compacted == set.context && set.siblings.keys().all(|dot| covers(&set.context, dot))
+}
+
+/// The replication and read-repair merge of two sets (see [`merge_into`]).
+pub fn merge(a: &DvvSet, b: &DvvSet, mode: Versioning) -> DvvSet {
+    let mut merged = a.clone();
+    merge_into(&mut merged, b, mode);
+    merged
+}
+
+/// Merges `other` into `into`; returns true when `into` changed.
+///
+/// The siblings kept are those both sides hold, plus those one side holds that
+/// the other side's context does not cover (it has never heard of them). A
+/// sibling one side's context covers but that side no longer holds was
+/// superseded there, and stays superseded. The contexts are united.
+///
+/// In LWW mode only the greatest sibling by `(timestamp, actor, counter)` among
+/// both sides' siblings is kept, whatever the contexts say (see below); the
+/// context keeps covering the dropped ones.
+pub fn merge_into(into: &mut DvvSet, other: &DvvSet, mode: Versioning) -> bool {
+    let mut changed = false;
+    match mode {
+        Versioning::Dvv => {
+            let before = into.siblings.len();
+            into.siblings
+                .retain(|dot, _| other.siblings.contains_key(dot) || !covers(&other.context, dot));
+            changed |= into.siblings.len() != before;
+            for (dot, theirs) in &other.siblings {
+                match into.siblings.get_mut(dot) {
+                    Some(ours) => {
+                        // One dot is one write, so both sides hold the same
+                        // sibling. Should they ever differ, pick one
+                        // deterministically so the merge still commutes.
+                        if sibling_order(theirs, ours) == Ordering::Greater {
+                            *ours = theirs.clone();
+                            changed = true;
+                        }
+                    }
+                    None => {
+                        if !covers(&into.context, dot) {
+                            into.siblings.insert(*dot, theirs.clone());
+                            changed = true;
+                        }
+                    }
+                }
+            }
+        }
+        // LWW keeps the greatest sibling of the union rather than of the causal
+        // merge. The causal merge followed by "keep the winner" is not
+        // associative: a write may supersede (by context) a winner whose
+        // timestamp it cannot know, and then which of the two survives, or
+        // whether either does, would depend on the order replicas merged in.
+        // The plain maximum is a semilattice, and it is exactly the rule
+        // "the survivor has the greatest timestamp of all writes".
+        Versioning::Lww => {
+            changed |= keep_only_winner(into);
+            if let Some((dot, sibling)) = winner(other) {
+                let beats_ours = match winner(into) {
+                    None => true,
+                    Some(ours) => lww_order((dot, sibling), ours) == Ordering::Greater,
+                };
+                if beats_ours {
+                    into.siblings.clear();
+                    into.siblings.insert(*dot, sibling.clone());
+                    changed = true;
+                }
+            }
+        }
+    }
+    if !context_includes(&into.context, &other.context) {
+        context_merge(&mut into.context, &other.context);
+        changed = true;
+    }
+    changed
+}
+
+/// A coordinator's write.
+///
+/// `context` is the client's causal context; `None` covers nothing (adds a
+/// sibling). `WriteMode::Overwrite` supersedes everything the coordinator holds,
+/// as a Redis `SET` does: the request context becomes the local set's context
+/// (united with the client's context if one was given). A delete is a write with
+/// `value == None`; it leaves a tombstone that carries the context.
+///
+/// The new dot is `actor`'s next counter after every dot of `actor` known to the
+/// local set or to the request context. Only this coordinator mints dots for
+/// `actor`, on top of its own stored set, so the dot is new.
+///
+/// In DVV mode, the new siblings are the local siblings the request context does
+/// not cover, plus the new write. If that is more than `max_siblings` the write is
+/// refused with [`VersionError::TooManySiblings`] and nothing changes.
+///
+/// In LWW mode the set keeps only the winner of the local siblings and the new
+/// write: the new write loses, and is dropped although acknowledged, to a local
+/// sibling with a greater timestamp, even one its context covers (clock skew).
+/// The shell should [`HlcClock::observe`] the local siblings' timestamps before
+/// taking `timestamp`, so that a coordinator never loses to what it already holds.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    local: &DvvSet,
+    context: Option<&Context>,
+    write_mode: WriteMode,
+    value: Option<Vec<u8>>,
+    actor: Actor,
+    timestamp: Hlc,
+    versioning: Versioning,
+    max_siblings: usize,
+) -> Result<WriteOutcome, VersionError> {
+    let request_context = match write_mode {
+        WriteMode::Context => {
+            let mut request = context.cloned().unwrap_or_default();
+            // A client's context arrives from the wire; the reply must be canonical.
+            compact(&mut request);
+            request
+        }
+        WriteMode::Overwrite => {
+            let mut request = local.context.clone();
+            if let Some(context) = context {
+                context_merge(&mut request, context);
+            }
+            compact(&mut request);
+            request
+        }
+    };
+    let counter =
+        1 + max_counter(&local.context, &actor).max(max_counter(&request_context, &actor));
+    let dot = Dot { actor, counter };
+    let new_sibling = Sibling { value, timestamp };
+
+    let mut siblings: BTreeMap<Dot, Sibling> = match versioning {
+        Versioning::Dvv => local
+            .siblings
+            .iter()
+            .filter(|(dot, _)| !covers(&request_context, dot))
+            .map(|(dot, sibling)| (*dot, sibling.clone()))
+            .collect(),
+        Versioning::Lww => local
+            .siblings
+            .iter()
+            .max_by(|x, y| lww_order(*x, *y))
+            .map(|(dot, sibling)| (*dot, sibling.clone()))
+            .into_iter()
+            .collect(),
+    };
+    siblings.insert(dot, new_sibling);
+    let mut set = DvvSet {
+        context: local.context.clone(),
+        siblings,
+    };
+    if versioning == Versioning::Lww {
+        keep_only_winner(&mut set);
+    }
+    if set.siblings.len() > max_siblings {
+        return Err(VersionError::TooManySiblings {
+            count: set.siblings.len(),
+            limit: max_siblings,
+        });
+    }
+
+    context_merge(&mut set.context, &request_context);
+    context_insert(&mut set.context, dot);
+    let mut reply_context = request_context;
+    context_insert(&mut reply_context, dot);
+    Ok(WriteOutcome {
+        set,
+        dot,
+        reply_context,
+    })
+}
+
+/// The deterministic winner among the siblings: the greatest by
+/// `(timestamp, actor, counter)`. Tombstones can win. `None` when there are none.
+pub fn winner(set: &DvvSet) -> Option<(&Dot, &Sibling)> {
+    set.siblings.iter().max_by(|x, y| lww_order(*x, *y))
+}
+
+/// True when every sibling is a tombstone, or there is none: a read finds nothing.
+pub fn is_deleted(set: &DvvSet) -> bool {
+    set.siblings.values().all(|sibling| sibling.value.is_none())
+}
+
+/// A hybrid logical clock fed by an injected wall clock (milliseconds).
+///
+/// Timestamps it hands out strictly increase even when the wall clock stalls or
+/// goes backwards, and never fall behind a timestamp it has observed, so a write
+/// coordinated after seeing another's version is stamped later than it.
+#[derive(Clone, Debug, Default)]
+pub struct HlcClock {
+    last: Hlc,
+}
+
+impl HlcClock {
+    /// A clock that has handed out nothing and observed nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next timestamp, given the wall clock's reading: strictly greater than
+    /// every timestamp this clock returned or observed before.
+    pub fn now(&mut self, wall_ms: u64) -> Hlc {
+        let next = if wall_ms > self.last.wall_ms {
+            Hlc {
+                wall_ms,
+                logical: 0,
+            }
+        } else if self.last.logical == u32::MAX {
+            // Four billion events in one millisecond: borrow the next one.
+            Hlc {
+                wall_ms: self.last.wall_ms + 1,
+                logical: 0,
+            }
+        } else {
+            Hlc {
+                wall_ms: self.last.wall_ms,
+                logical: self.last.logical + 1,
+            }
+        };
+        self.last = next;
+        next
+    }
+
+    /// Takes note of a timestamp seen from another node, so the next [`now`]
+    /// is later than it.
+    ///
+    /// [`now`]: HlcClock::now
+    pub fn observe(&mut self, seen: Hlc) {
+        self.last = self.last.max(seen);
+    }
+
+    /// The greatest timestamp handed out or observed so far.
+    pub fn last(&self) -> Hlc {
+        self.last
+    }
+}
+
+fn vv_entry(ctx: &Context, actor: &Actor) -> u64 {
+    ctx.vv.get(actor).copied().unwrap_or(0)
+}
+
+/// True when `ctx` covers every dot `other` covers.
+fn context_includes(ctx: &Context, other: &Context) -> bool {
+    other
+        .vv
+        .iter()
+        .all(|(actor, &counter)| counter <= vv_entry(ctx, actor) || covers_run(ctx, actor, counter))
+        && other.dots.iter().all(|dot| covers(ctx, dot))
+}
+
+/// True when `ctx` covers every dot `(actor, 1..=counter)`.
+fn covers_run(ctx: &Context, actor: &Actor, counter: u64) -> bool {
+    let seen = vv_entry(ctx, actor);
+    if counter <= seen {
+        return true;
+    }
+    // The exceptions are distinct dots, so the run is covered exactly when all
+    // `counter - seen` of its dots are among them.
+    let run = Dot {
+        actor: *actor,
+        counter: seen + 1,
+    }..=Dot {
+        actor: *actor,
+        counter,
+    };
+    ctx.dots.range(run).count() as u64 == counter - seen
+}
+
+/// The LWW order: timestamp, then actor, then counter (the dot's own order).
+fn lww_order(x: (&Dot, &Sibling), y: (&Dot, &Sibling)) -> Ordering {
+    x.1.timestamp.cmp(&y.1.timestamp).then_with(|| x.0.cmp(y.0))
+}
+
+/// A total order on siblings with the same dot, used only to stay deterministic
+/// if two replicas ever disagree about one write.
+fn sibling_order(x: &Sibling, y: &Sibling) -> Ordering {
+    x.timestamp
+        .cmp(&y.timestamp)
+        .then_with(|| x.value.cmp(&y.value))
+}
+
+/// Drops every sibling but the winner; true when something was dropped.
+fn keep_only_winner(set: &mut DvvSet) -> bool {
+    if set.siblings.len() <= 1 {
+        return false;
+    }
+    let Some((dot, sibling)) = winner(set).map(|(dot, sibling)| (*dot, sibling.clone())) else {
+        return false;
+    };
+    set.siblings.clear();
+    set.siblings.insert(dot, sibling);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Actor = Actor {
+        incarnation: 1,
+        epoch: 0,
+    };
+    const B: Actor = Actor {
+        incarnation: 2,
+        epoch: 0,
+    };
+
+    fn ts(wall_ms: u64) -> Hlc {
+        Hlc {
+            wall_ms,
+            logical: 0,
+        }
+    }
+
+    fn put(
+        local: &DvvSet,
+        context: Option<&Context>,
+        value: &str,
+        actor: Actor,
+        wall_ms: u64,
+    ) -> WriteOutcome {
+        write(
+            local,
+            context,
+            WriteMode::Context,
+            Some(value.as_bytes().to_vec()),
+            actor,
+            ts(wall_ms),
+            Versioning::Dvv,
+            DEFAULT_MAX_SIBLINGS,
+        )
+        .unwrap()
+    }
+
+    fn values(set: &DvvSet) -> Vec<Option<&[u8]>> {
+        set.siblings
+            .values()
+            .map(|sibling| sibling.value.as_deref())
+            .collect()
+    }
+
+    fn dot(actor: Actor, counter: u64) -> Dot {
+        Dot { actor, counter }
+    }
+
+    #[test]
+    fn context_insert_compacts() {
+        let mut ctx = Context::default();
+        context_insert(&mut ctx, dot(A, 3));
+        context_insert(&mut ctx, dot(A, 5));
+        assert_eq!(ctx.vv.get(&A), None);
+        assert_eq!(ctx.dots.len(), 2);
+        assert!(!covers(&ctx, &dot(A, 1)));
+        assert!(covers(&ctx, &dot(A, 3)));
+        context_insert(&mut ctx, dot(A, 1));
+        context_insert(&mut ctx, dot(A, 2));
+        // 1, 2 and then 3 are contiguous; 5 stays an exception.
+        assert_eq!(ctx.vv.get(&A), Some(&3));
+        assert_eq!(
+            ctx.dots.iter().copied().collect::<Vec<_>>(),
+            vec![dot(A, 5)]
+        );
+        context_insert(&mut ctx, dot(A, 4));
+        assert_eq!(ctx.vv.get(&A), Some(&5));
+        assert!(ctx.dots.is_empty());
+        context_insert(&mut ctx, dot(A, 2));
+        assert_eq!(ctx.vv.get(&A), Some(&5));
+        assert_eq!(max_counter(&ctx, &A), 5);
+        assert_eq!(max_counter(&ctx, &B), 0);
+    }
+
+    #[test]
+    fn context_merge_is_a_compacted_union() {
+        let mut x = Context::default();
+        x.vv.insert(A, 2);
+        x.dots.insert(dot(B, 2));
+        let mut y = Context::default();
+        y.vv.insert(B, 1);
+        y.dots.insert(dot(A, 3));
+        y.dots.insert(dot(A, 7));
+        context_merge(&mut x, &y);
+        assert_eq!(x.vv.get(&A), Some(&3));
+        assert_eq!(x.vv.get(&B), Some(&2));
+        assert_eq!(x.dots.iter().copied().collect::<Vec<_>>(), vec![dot(A, 7)]);
+        assert_eq!(max_counter(&x, &A), 7);
+    }
+
+    #[test]
+    fn a_chain_of_writes_with_reply_contexts_leaves_one_value() {
+        let mut set = DvvSet::default();
+        let mut ctx: Option<Context> = None;
+        for (i, actor) in [A, B, A, A, B].into_iter().enumerate() {
+            let out = put(&set, ctx.as_ref(), &format!("v{i}"), actor, i as u64);
+            set = out.set;
+            ctx = Some(out.reply_context);
+            assert_eq!(set.siblings.len(), 1);
+            assert!(is_well_formed(&set));
+        }
+        assert_eq!(values(&set), vec![Some(&b"v4"[..])]);
+    }
+
+    #[test]
+    fn a_write_without_context_adds_a_sibling() {
+        let first = put(&DvvSet::default(), None, "x", A, 1);
+        let second = put(&first.set, None, "y", A, 2);
+        assert_eq!(second.dot, dot(A, 2));
+        assert_eq!(values(&second.set), vec![Some(&b"x"[..]), Some(&b"y"[..])]);
+        // The reply covers only the new write, not the sibling it did not see.
+        assert!(!covers(&second.reply_context, &first.dot));
+        assert!(covers(&second.reply_context, &second.dot));
+    }
+
+    #[test]
+    fn concurrent_writes_become_siblings_and_a_read_context_resolves_them() {
+        let base = put(&DvvSet::default(), None, "base", A, 1);
+        let read = base.set.context.clone();
+        let x = put(&base.set, Some(&read), "x", A, 2);
+        let y = put(&x.set, Some(&read), "y", A, 3);
+        assert_eq!(values(&y.set), vec![Some(&b"x"[..]), Some(&b"y"[..])]);
+        // The second writer's reply context must not cover the first's write.
+        assert!(!covers(&y.reply_context, &x.dot));
+        assert!(covers(&y.reply_context, &base.dot));
+
+        // A read that merges replicas returns both siblings; writing back with
+        // its context resolves them.
+        let replica = merge(&base.set, &y.set, Versioning::Dvv);
+        assert_eq!(replica, y.set);
+        let resolved = put(&y.set, Some(&replica.context), "xy", B, 4);
+        assert_eq!(values(&resolved.set), vec![Some(&b"xy"[..])]);
+        // The resolution wins over a stale replica that still holds both.
+        let healed = merge(&x.set, &resolved.set, Versioning::Dvv);
+        assert_eq!(healed, resolved.set);
+    }
+
+    #[test]
+    fn a_write_supersedes_dots_the_coordinator_has_not_seen() {
+        // The client read n1's version and writes through n2, which lags.
+        let at_n1 = put(&DvvSet::default(), None, "old", A, 1);
+        let at_n2 = put(&DvvSet::default(), Some(&at_n1.set.context), "new", B, 2);
+        assert_eq!(values(&at_n2.set), vec![Some(&b"new"[..])]);
+        assert!(covers(&at_n2.set.context, &at_n1.dot));
+        let merged = merge(&at_n1.set, &at_n2.set, Versioning::Dvv);
+        assert_eq!(values(&merged), vec![Some(&b"new"[..])]);
+        assert_eq!(merged, merge(&at_n2.set, &at_n1.set, Versioning::Dvv));
+    }
+
+    #[test]
+    fn a_delete_with_context_leaves_only_a_tombstone() {
+        let x = put(&DvvSet::default(), None, "x", A, 1);
+        let y = put(&x.set, None, "y", A, 2);
+        assert!(!is_deleted(&y.set));
+        let deleted = write(
+            &y.set,
+            Some(&y.set.context),
+            WriteMode::Context,
+            None,
+            B,
+            ts(3),
+            Versioning::Dvv,
+            DEFAULT_MAX_SIBLINGS,
+        )
+        .unwrap();
+        assert_eq!(deleted.set.siblings.len(), 1);
+        assert!(is_deleted(&deleted.set));
+        assert!(winner(&deleted.set).unwrap().1.value.is_none());
+        // A replica that only saw `x` does not bring it back.
+        assert_eq!(merge(&x.set, &deleted.set, Versioning::Dvv), deleted.set);
+        assert!(is_deleted(&DvvSet::default()));
+    }
+
+    #[test]
+    fn overwrite_mode_replaces_everything_local() {
+        let x = put(&DvvSet::default(), None, "x", A, 1);
+        let y = put(&x.set, None, "y", B, 2);
+        let set = write(
+            &y.set,
+            None,
+            WriteMode::Overwrite,
+            Some(b"z".to_vec()),
+            A,
+            ts(3),
+            Versioning::Dvv,
+            DEFAULT_MAX_SIBLINGS,
+        )
+        .unwrap();
+        assert_eq!(values(&set.set), vec![Some(&b"z"[..])]);
+        assert_eq!(set.dot, dot(A, 2));
+        assert!(covers(&set.reply_context, &x.dot));
+        assert!(covers(&set.reply_context, &y.dot));
+    }
+
+    #[test]
+    fn too_many_siblings_is_refused() {
+        let mut set = DvvSet::default();
+        for i in 0..3 {
+            set = put(&set, None, &format!("v{i}"), A, i).set;
+        }
+        let refused = write(
+            &set,
+            None,
+            WriteMode::Context,
+            Some(b"one too many".to_vec()),
+            A,
+            ts(9),
+            Versioning::Dvv,
+            3,
+        );
+        assert_eq!(
+            refused,
+            Err(VersionError::TooManySiblings { count: 4, limit: 3 })
+        );
+        assert!(refused.unwrap_err().to_string().contains("context"));
+        // Resolving with the read's context is always accepted.
+        let resolved = write(
+            &set,
+            Some(&set.context),
+            WriteMode::Context,
+            Some(b"resolved".to_vec()),
+            A,
+            ts(9),
+            Versioning::Dvv,
+            3,
+        )
+        .unwrap();
+        assert_eq!(resolved.set.siblings.len(), 1);
+    }
+
+    #[test]
+    fn lww_keeps_the_greatest_timestamp() {
+        let lww = |local: &DvvSet, ctx: Option<&Context>, value: &str, actor, wall_ms| {
+            write(
+                local,
+                ctx,
+                WriteMode::Context,
+                Some(value.as_bytes().to_vec()),
+                actor,
+                ts(wall_ms),
+                Versioning::Lww,
+                DEFAULT_MAX_SIBLINGS,
+            )
+            .unwrap()
+        };
+        let early = lww(&DvvSet::default(), None, "early", A, 10);
+        let late = lww(&DvvSet::default(), None, "late", B, 20);
+        let merged = merge(&early.set, &late.set, Versioning::Lww);
+        assert_eq!(values(&merged), vec![Some(&b"late"[..])]);
+        assert_eq!(merged, merge(&late.set, &early.set, Versioning::Lww));
+        // The loser stays covered by the context, so it never comes back.
+        assert!(covers(&merged.context, &early.dot));
+
+        // A write with a lower timestamp (clock skew) loses, even with a context
+        // that covers the winner: LWW drops it.
+        let skewed = lww(&merged, Some(&merged.context), "skewed", A, 15);
+        assert_eq!(values(&skewed.set), vec![Some(&b"late"[..])]);
+        assert!(covers(&skewed.set.context, &skewed.dot));
+
+        // Equal timestamps: the greater actor wins.
+        let tie_a = lww(&DvvSet::default(), None, "a", A, 30);
+        let tie_b = lww(&DvvSet::default(), None, "b", B, 30);
+        let tied = merge(&tie_a.set, &tie_b.set, Versioning::Lww);
+        assert_eq!(values(&tied), vec![Some(&b"b"[..])]);
+    }
+
+    /// Why LWW keeps the greatest sibling of the union rather than the winner of
+    /// the causal merge: `c` was written with a context covering `b` by a
+    /// coordinator that never saw `b` (nor its timestamp) and whose clock lags.
+    /// Keeping the causal winner would make the result depend on merge order.
+    #[test]
+    fn lww_merge_is_associative_when_a_context_covers_an_unseen_winner() {
+        const C: Actor = Actor {
+            incarnation: 3,
+            epoch: 0,
+        };
+        let lww = |ctx: Option<&Context>, value: &str, actor, wall_ms| {
+            write(
+                &DvvSet::default(),
+                ctx,
+                WriteMode::Context,
+                Some(value.as_bytes().to_vec()),
+                actor,
+                ts(wall_ms),
+                Versioning::Lww,
+                DEFAULT_MAX_SIBLINGS,
+            )
+            .unwrap()
+            .set
+        };
+        let a = lww(None, "a", A, 5);
+        let b = lww(None, "b", B, 10);
+        let c = lww(Some(&b.context), "c", C, 1);
+        let left = merge(&merge(&a, &b, Versioning::Lww), &c, Versioning::Lww);
+        let right = merge(&a, &merge(&b, &c, Versioning::Lww), Versioning::Lww);
+        assert_eq!(left, right);
+        assert_eq!(values(&left), vec![Some(&b"b"[..])]);
+        for dot in [dot(A, 1), dot(B, 1), dot(C, 1)] {
+            assert!(covers(&left.context, &dot));
+        }
+    }
+
+    #[test]
+    fn merge_into_reports_changes() {
+        let x = put(&DvvSet::default(), None, "x", A, 1);
+        let mut into = x.set.clone();
+        assert!(!merge_into(&mut into, &x.set, Versioning::Dvv));
+        assert!(!merge_into(&mut into, &DvvSet::default(), Versioning::Dvv));
+        let y = put(&DvvSet::default(), None, "y", B, 2);
+        assert!(merge_into(&mut into, &y.set, Versioning::Dvv));
+        assert!(!merge_into(&mut into, &y.set, Versioning::Dvv));
+        assert_eq!(into.siblings.len(), 2);
+        let mut lww = x.set.clone();
+        assert!(merge_into(&mut lww, &y.set, Versioning::Lww));
+        assert!(!merge_into(&mut lww, &x.set, Versioning::Lww));
+        assert_eq!(values(&lww), vec![Some(&b"y"[..])]);
+    }
+
+    #[test]
+    fn hlc_is_monotonic_under_a_clock_that_goes_backwards() {
+        let mut clock = HlcClock::new();
+        let mut last = clock.now(100);
+        assert_eq!(last, ts(100));
+        for wall_ms in [100, 99, 50, 100, 101, 101, 0, 200] {
+            let next = clock.now(wall_ms);
+            assert!(next > last, "{next:?} after {last:?}");
+            last = next;
+        }
+        assert_eq!(last, ts(200));
+        assert_eq!(
+            clock.now(150),
+            Hlc {
+                wall_ms: 200,
+                logical: 1
+            }
+        );
+    }
+
+    #[test]
+    fn hlc_never_falls_behind_what_it_observed() {
+        let mut clock = HlcClock::new();
+        clock.now(10);
+        let seen = Hlc {
+            wall_ms: 500,
+            logical: 7,
+        };
+        clock.observe(seen);
+        assert!(clock.now(20) > seen);
+        // Observing the past changes nothing.
+        clock.observe(ts(1));
+        assert_eq!(
+            clock.now(20),
+            Hlc {
+                wall_ms: 500,
+                logical: 9
+            }
+        );
+        let mut saturated = HlcClock::new();
+        saturated.observe(Hlc {
+            wall_ms: 5,
+            logical: u32::MAX,
+        });
+        assert_eq!(saturated.now(0), ts(6));
+    }
+}

@@ -1,0 +1,490 @@
+//! The `dynamo` command line against real server processes on loopback:
+//! put / get / delete / status, their output formats and exit codes, client
+//! failover past a dead node, and `dynamo dev` start and stop.
+//!
+//! Every process a test starts is killed when its guard drops, pass or fail.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DYNAMO: &str = env!("CARGO_BIN_EXE_dynamo");
+
+/// Ports nobody listens on right now (the OS picks them; small race accepted).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A base port with `count` consecutive free ports from it.
+fn free_port_run(count: u16, avoid: &[u16]) -> u16 {
+    let seed = std::process::id() as u16;
+    for i in 0..2000u16 {
+        let base = 20_000 + (seed.wrapping_mul(7).wrapping_add(i.wrapping_mul(13))) % 30_000;
+        let range = base..base + count;
+        if avoid
+            .iter()
+            .any(|p| range.contains(p) || (*p..*p + count).contains(&base))
+        {
+            continue;
+        }
+        let held: Vec<_> = range
+            .clone()
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == count as usize {
+            return base;
+        }
+    }
+    panic!("no run of {count} free ports");
+}
+
+/// Kills its processes on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Cluster {
+    procs: Procs,
+    client_addrs: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(nodes: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(nodes * 3);
+        let peer = |i: usize| format!("127.0.0.1:{}", ports[3 * i]);
+        let client = |i: usize| format!("127.0.0.1:{}", ports[3 * i + 1]);
+        let http = |i: usize| format!("127.0.0.1:{}", ports[3 * i + 2]);
+        let mut procs = Procs(Vec::new());
+        for i in 0..nodes {
+            let name = format!("n{}", i + 1);
+            let mut cmd = Command::new(DYNAMO);
+            cmd.arg("server")
+                .args(["--node-id", &name])
+                .args(["--peer-addr", &peer(i)])
+                .args(["--client-addr", &client(i)])
+                .args(["--http-addr", &http(i)])
+                .arg("--data-dir")
+                .arg(dir.path().join(&name))
+                .args(["--sync", "none"]);
+            for j in (0..nodes).filter(|j| *j != i) {
+                cmd.args(["--peer", &format!("n{}={}", j + 1, peer(j))]);
+            }
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            cmd.env_remove("DYNAMO_NODES")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            procs.0.push(cmd.spawn().unwrap());
+        }
+        let cluster = Cluster {
+            procs,
+            client_addrs: (0..nodes).map(client).collect(),
+            _dir: dir,
+        };
+        cluster.wait_until_every_member_is_up(nodes);
+        cluster
+    }
+
+    fn wait_until_every_member_is_up(&self, nodes: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run(&["status", "--json"], None);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let members = v["members"].as_array().unwrap();
+                if members.len() == nodes && members.iter().all(|m| m["status"] == "up") {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = (1..=nodes)
+                    .map(|i| {
+                        std::fs::read_to_string(self._dir.path().join(format!("n{i}.log")))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                panic!(
+                    "cluster not up: {}\n{}\nlogs:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    logs.join("\n----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `dynamo ARGS --node <all nodes>`, feeding `stdin` if given.
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let nodes = self.client_addrs.join(",");
+        run_dynamo(args, &["--node", &nodes], stdin)
+    }
+}
+
+fn run_dynamo(args: &[&str], extra: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(DYNAMO)
+        .args(args)
+        .args(extra)
+        .env_remove("DYNAMO_NODES")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts the exit code, showing the output when it differs.
+#[track_caller]
+fn expect(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+fn context_line(s: &str) -> String {
+    s.lines()
+        .find_map(|l| l.strip_prefix("context: "))
+        .unwrap_or_else(|| panic!("no context line in {s:?}"))
+        .to_string()
+}
+
+#[test]
+fn put_get_delete_status_and_failover() {
+    let cluster = Cluster::start(3);
+
+    // status: text and JSON.
+    let out = cluster.run(&["status"], None);
+    expect(&out, 0);
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("3 members") && s.contains("N=3 R=2 W=2 Q=256"),
+        "{s}"
+    );
+    for (i, addr) in cluster.client_addrs.iter().enumerate() {
+        assert!(
+            s.contains(&format!("n{}", i + 1)) && s.contains(addr),
+            "{s}"
+        );
+    }
+    let out = cluster.run(&["status", "--json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["n"].as_u64(), v["q"].as_u64()), (Some(3), Some(256)));
+
+    // A missing key: exit 1, message on stderr, nothing on stdout.
+    let out = cluster.run(&["get", "k"], None);
+    expect(&out, 1);
+    assert!(out.stdout.is_empty());
+    assert!(text(&out.stderr).contains("not found"));
+
+    // put then get: the value alone on stdout, the context on stderr.
+    let out = cluster.run(&["put", "k", "hello"], None);
+    expect(&out, 0);
+    let s = text(&out.stdout);
+    assert!(s.starts_with("ok\n"), "{s}");
+    context_line(&s);
+    let out = cluster.run(&["get", "k"], None);
+    expect(&out, 0);
+    assert_eq!(out.stdout, b"hello");
+    let token = context_line(&text(&out.stderr));
+
+    // A blind put adds a sibling; get lists both, JSON too.
+    expect(&cluster.run(&["put", "k", "world", "--blind"], None), 0);
+    let out = cluster.run(&["get", "k"], None);
+    expect(&out, 0);
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("sibling 1 of 2") && s.contains("hello") && s.contains("world"),
+        "{s}"
+    );
+    let out = cluster.run(&["get", "k", "--json"], None);
+    expect(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let siblings = v["siblings"].as_array().unwrap();
+    assert_eq!(siblings.len(), 2, "{v}");
+    assert_eq!(v["key"], "k");
+
+    // A put with the first read's context replaces only "hello".
+    expect(
+        &cluster.run(&["put", "k", "hola", "--context", &token], None),
+        0,
+    );
+    let out = cluster.run(&["get", "k", "--json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut values: Vec<&str> = v["siblings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_str().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, ["hola", "world"]);
+
+    // A put without --context reads first and replaces what it read, from stdin.
+    let out = cluster.run(&["put", "k"], Some(b"resolved\x00\xff"));
+    expect(&out, 0);
+    assert!(
+        text(&out.stdout).contains("replaced 2 values"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = cluster.run(&["get", "k"], None);
+    expect(&out, 0);
+    assert_eq!(
+        out.stdout, b"resolved\x00\xff",
+        "binary values pass through as-is"
+    );
+
+    // --file, and JSON output of put.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), b"from a file").unwrap();
+    let out = cluster.run(
+        &[
+            "put",
+            "f",
+            "--file",
+            file.path().to_str().unwrap(),
+            "--json",
+            "--w",
+            "3",
+        ],
+        None,
+    );
+    expect(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["context"].as_str().is_some_and(|c| !c.is_empty()));
+    let out = cluster.run(&["get", "f", "--r", "3"], None);
+    assert_eq!(out.stdout, b"from a file");
+
+    // delete reads first; a second delete finds nothing (exit 1).
+    let out = cluster.run(&["delete", "k"], None);
+    expect(&out, 0);
+    assert!(
+        text(&out.stdout).starts_with("deleted"),
+        "{}",
+        text(&out.stdout)
+    );
+    expect(&cluster.run(&["get", "k"], None), 1);
+    let out = cluster.run(&["delete", "k"], None);
+    expect(&out, 1);
+    assert!(text(&out.stderr).contains("not found"));
+
+    // Errors: exit 2 with a message.
+    let out = cluster.run(&["get", "k", "--r", "9"], None);
+    expect(&out, 2);
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cluster.run(&["put", "k", "v", "--context", "!!!"], None);
+    expect(&out, 2);
+    assert!(
+        text(&out.stderr).contains("--context"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dead = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let out = run_dynamo(&["get", "k"], &["--node", &dead], None);
+    expect(&out, 2);
+    assert!(
+        text(&out.stderr).contains("cannot reach the cluster"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_dynamo(&["get"], &[], None);
+    expect(&out, 2);
+
+    // Failover: with n1 dead, a client that names it first still works.
+    let mut cluster = cluster;
+    let mut n1 = cluster.procs.0.remove(0);
+    n1.kill().unwrap();
+    n1.wait().unwrap();
+    let nodes = cluster.client_addrs.join(",");
+    let out = run_dynamo(
+        &["put", "after", "v2", "--blind"],
+        &["--node", &nodes],
+        None,
+    );
+    expect(&out, 0);
+    let out = run_dynamo(&["get", "after"], &["--node", &nodes], None);
+    expect(&out, 0);
+    assert_eq!(out.stdout, b"v2");
+    let out = run_dynamo(&["get", "f"], &["--node", &nodes], None);
+    expect(&out, 0);
+    assert_eq!(out.stdout, b"from a file");
+}
+
+/// Collects `out` on a thread; returns what arrived once `needle` appears or
+/// the time runs out.
+fn read_until(out: std::process::ChildStdout, needle: &str, limit: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut out = out;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + limit;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// Stops a `dynamo dev` launcher the way a user would (SIGTERM), so it stops
+/// its nodes; SIGKILL only if it does not exit.
+struct DevGuard(Child);
+
+impl DevGuard {
+    fn terminate(&mut self) -> Option<i32> {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            return status.code();
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for DevGuard {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+#[test]
+fn dev_starts_a_cluster_and_stops_it_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = free_port_run(2, &[]);
+    let client = free_port_run(2, &[peer, peer + 1]);
+    let http = free_port_run(2, &[peer, peer + 1, client, client + 1]);
+    let dev = Command::new(DYNAMO)
+        .args(["dev", "--nodes", "2", "--n", "2", "--sync", "none"])
+        .args(["--peer-port", &peer.to_string()])
+        .args(["--client-port", &client.to_string()])
+        .args(["--http-port", &http.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut dev = DevGuard(dev);
+    let stdout = dev.0.stdout.take().unwrap();
+    let banner = read_until(stdout, "Ctrl-C", Duration::from_secs(60));
+    if !banner.contains("Ctrl-C") {
+        let logs = std::fs::read_to_string(dir.path().join("n1.log")).unwrap_or_default();
+        panic!("no banner: {banner}\nn1.log:\n{logs}");
+    }
+    assert!(
+        banner.contains(&format!("n2   http http://127.0.0.1:{}", http + 1)),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("client 127.0.0.1:{client}")),
+        "{banner}"
+    );
+    assert!(banner.contains("curl"), "{banner}");
+    assert!(dir.path().join("n1.log").exists() && dir.path().join("n2").exists());
+
+    // The nodes serve: write through n2, read through n1.
+    let n1 = format!("127.0.0.1:{client}");
+    let n2 = format!("127.0.0.1:{}", client + 1);
+    expect(&run_dynamo(&["put", "x", "1"], &["--node", &n2], None), 0);
+    let out = run_dynamo(&["get", "x"], &["--node", &n1], None);
+    expect(&out, 0);
+    assert_eq!(out.stdout, b"1");
+
+    // A second dev cluster on the same ports names the busy port and its flag.
+    let out = run_dynamo(
+        &["dev", "--nodes", "2"],
+        &[
+            "--peer-port",
+            &peer.to_string(),
+            "--client-port",
+            &client.to_string(),
+            "--http-port",
+            &http.to_string(),
+            "--data-dir",
+            dir.path().join("other").to_str().unwrap(),
+        ],
+        None,
+    );
+    expect(&out, 2);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&peer.to_string()) && err.contains("--peer-port"),
+        "{err}"
+    );
+
+    // SIGTERM stops the launcher and every node.
+    assert_eq!(dev.terminate(), Some(0));
+    for port in [client, client + 1] {
+        assert!(
+            wait_port_closed(&format!("127.0.0.1:{port}"), Duration::from_secs(5)),
+            "a node still listens on {port}"
+        );
+    }
+}
+
+fn wait_port_closed(addr: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

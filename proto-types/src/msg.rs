@@ -160,6 +160,10 @@ pub struct Hello {
     pub node: NodeId,
     pub q: u32,
     pub n: u8,
+    /// Where the sender serves the binary client protocol and HTTP (empty when
+    /// it does not), so clients can route by ring to any member.
+    pub client_addr: String,
+    pub http_addr: String,
 }
 
 /// Internode messages. Request ids are local to the node that sent the request.

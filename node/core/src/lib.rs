@@ -5,5 +5,13 @@
 //! randomness, does I/O or depends on std's randomly seeded hash order: the
 //! simulator and the production node run this very code.
 
+pub mod membership;
+pub mod node;
+pub mod quorum;
 pub mod ring;
+pub mod store;
 pub mod version;
+
+pub use membership::{HelloCheck, Member};
+pub use node::{ClientId, Config, ConfigError, Millis, Node, Output, PersistRequest};
+pub use store::{LocalStore, StoreError};

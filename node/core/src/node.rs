@@ -1,0 +1,952 @@
+//! The `Node` state machine: one cluster member's coordinator and replica roles.
+//!
+//! It owns request coordination (quorums, forwarding, read repair), the replica
+//! side of replication, and the overlay of writes handed to the shell but not yet
+//! durable. Inputs are pushed with `now` (milliseconds from the shell's clock);
+//! outputs are pulled with [`Node::poll_output`] and [`Node::poll_timeout`]. It
+//! never does I/O, reads a clock or draws OS randomness.
+//!
+//! Durability: every write this node stores is emitted as [`Output::Persist`]; a
+//! replica acknowledges, and a coordinator counts its own copy, only once the
+//! shell calls [`Node::on_persisted`] for it.
+
+use crate::membership::{HelloCheck, Member, Membership};
+use crate::quorum;
+use crate::ring::RingError;
+use crate::store::LocalStore;
+use crate::version::{self, HlcClock, Versioning};
+use dynamo_proto::{
+    Actor, ClientEnvelope, ClientError, ClientReply, ClientRequest, ClusterId, ClusterInfo,
+    Context, Dot, DvvSet, GetReply, Hello, MemberInfo, NodeId, PeerMessage, WriteMode,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Milliseconds on the shell's clock (wall-clock-like; the simulator may skew it).
+pub type Millis = u64;
+
+/// A client connection, numbered by the shell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(pub u64);
+
+/// Cluster-wide and node settings the core needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: NodeId,
+    pub cluster_id: ClusterId,
+    /// Replicas per key.
+    pub n: u8,
+    /// Default read quorum.
+    pub r: u8,
+    /// Default write quorum.
+    pub w: u8,
+    /// Ring partitions (a power of two).
+    pub q: u32,
+    pub request_timeout_ms: Millis,
+    pub max_siblings: usize,
+    pub versioning: Versioning,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Config {
+    /// The documented defaults for a node named `node`.
+    pub fn new(node: &str) -> Config {
+        Config {
+            node: NodeId::from(node),
+            cluster_id: ClusterId("dynamo".into()),
+            n: 3,
+            r: 2,
+            w: 2,
+            q: crate::ring::DEFAULT_PARTITIONS,
+            request_timeout_ms: 2_000,
+            max_siblings: version::DEFAULT_MAX_SIBLINGS,
+            versioning: Versioning::Dvv,
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("this node ({0}) is not in the member list; add it or fix --node-id")]
+    NotAMember(NodeId),
+    #[error("N = 0 stores nothing; set N to at least 1")]
+    ZeroN,
+    #[error("invalid ring: {0}")]
+    Ring(#[from] RingError),
+}
+
+/// A write the shell must make durable, then report with [`Node::on_persisted`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistRequest {
+    pub id: u64,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub set: DvvSet,
+}
+
+/// What the node asks the shell to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send `msg` to peer `to` (dropped by the shell if it cannot).
+    Peer { to: NodeId, msg: PeerMessage },
+    /// Answer request `id` on client connection `client`.
+    Reply {
+        client: ClientId,
+        id: u64,
+        reply: ClientReply,
+    },
+    /// Store this set durably; acknowledgements wait for `on_persisted`.
+    Persist(PersistRequest),
+}
+
+/// Who is waiting for a coordinated request's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Origin {
+    Client { client: ClientId, id: u64 },
+    Forwarded { from: NodeId, req: u64 },
+}
+
+#[derive(Debug)]
+struct PendingPut {
+    origin: Origin,
+    primaries: Vec<NodeId>,
+    needed: u8,
+    acked: BTreeSet<NodeId>,
+    failed: BTreeSet<NodeId>,
+    dot: Dot,
+    reply_context: Context,
+    deadline: Millis,
+    answered: bool,
+    is_delete: bool,
+}
+
+#[derive(Debug)]
+struct PendingGet {
+    origin: Origin,
+    key: Vec<u8>,
+    primaries: Vec<NodeId>,
+    needed: u8,
+    replies: BTreeMap<NodeId, Option<DvvSet>>,
+    failed: BTreeSet<NodeId>,
+    merged: DvvSet,
+    deadline: Millis,
+    answered: bool,
+}
+
+#[derive(Debug)]
+struct PendingForward {
+    origin: Origin,
+    to: NodeId,
+    deadline: Millis,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Put(PendingPut),
+    Get(PendingGet),
+    Forward(PendingForward),
+}
+
+impl Pending {
+    fn deadline(&self) -> Millis {
+        match self {
+            Pending::Put(p) => p.deadline,
+            Pending::Get(g) => g.deadline,
+            Pending::Forward(f) => f.deadline,
+        }
+    }
+}
+
+/// What a persisted write releases.
+#[derive(Debug, Clone)]
+enum PersistWaiter {
+    /// The coordinator's own copy of put `req`.
+    Coordinator { req: u64 },
+    /// A replica's acknowledgement owed to `to` for its request `req`.
+    ReplicaAck { to: NodeId, req: u64 },
+    /// Read repair, or anything else no one waits for.
+    Nobody,
+}
+
+/// One cluster member's coordinator and replica roles.
+pub struct Node {
+    config: Config,
+    /// Effective N (min of N and the member count) and the default R and W
+    /// clamped to it.
+    n: u8,
+    r: u8,
+    w: u8,
+    actor: Actor,
+    membership: Membership,
+    store: Box<dyn LocalStore + Send>,
+    hlc: HlcClock,
+    /// Writes handed to the shell and not yet reported durable: reads see them.
+    unsynced: BTreeMap<(u32, Vec<u8>), (DvvSet, u64)>,
+    persist_waiters: BTreeMap<u64, (u32, Vec<u8>, PersistWaiter)>,
+    next_persist: u64,
+    next_req: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// (deadline, request) for every pending request.
+    timers: BTreeSet<(Millis, u64)>,
+    outputs: VecDeque<Output>,
+    warnings: Vec<String>,
+}
+
+impl Node {
+    /// A node of a fixed cluster. `actor` must be fresh for this start (its epoch
+    /// persisted and bumped by the shell before calling this).
+    pub fn new(
+        config: Config,
+        members: Vec<Member>,
+        actor: Actor,
+        store: Box<dyn LocalStore + Send>,
+    ) -> Result<Node, ConfigError> {
+        if config.n == 0 {
+            return Err(ConfigError::ZeroN);
+        }
+        if !members.iter().any(|m| m.id == config.node) {
+            return Err(ConfigError::NotAMember(config.node.clone()));
+        }
+        let membership = Membership::fixed(members, config.q, usize::from(config.n))?;
+        let mut warnings = Vec::new();
+        let n = quorum::effective_n(config.n, membership.len());
+        if n < config.n {
+            warnings.push(format!(
+                "the cluster has {} nodes, fewer than N = {}: every key is stored on all {} \
+                 nodes",
+                membership.len(),
+                config.n,
+                n
+            ));
+        }
+        let (r, warn_r) = quorum::clamp_default("R", config.r, n);
+        let (w, warn_w) = quorum::clamp_default("W", config.w, n);
+        warnings.extend(warn_r);
+        warnings.extend(warn_w);
+        Ok(Node {
+            config,
+            n,
+            r,
+            w,
+            actor,
+            membership,
+            store,
+            hlc: HlcClock::default(),
+            unsynced: BTreeMap::new(),
+            persist_waiters: BTreeMap::new(),
+            next_persist: 1,
+            next_req: 1,
+            pending: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            outputs: VecDeque::new(),
+            warnings,
+        })
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.config.node
+    }
+
+    pub fn actor(&self) -> Actor {
+        self.actor
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Effective (N, R, W) after clamping to the member count.
+    pub fn quorum(&self) -> (u8, u8, u8) {
+        (self.n, self.r, self.w)
+    }
+
+    /// Configuration warnings to log at start (for example N larger than the cluster).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The greeting this node sends first on every internode connection.
+    pub fn hello(&self) -> Hello {
+        let me = self.membership.member(&self.config.node);
+        Hello {
+            cluster_id: self.config.cluster_id.clone(),
+            node: self.config.node.clone(),
+            q: self.config.q,
+            n: self.config.n,
+            client_addr: me.map(|m| m.client_addr.clone()).unwrap_or_default(),
+            http_addr: me.map(|m| m.http_addr.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The rules a peer's greeting must pass, as a value the shell's connection
+    /// tasks can hold without asking this node.
+    pub fn hello_check(&self) -> HelloCheck {
+        HelloCheck {
+            cluster_id: self.config.cluster_id.clone(),
+            node: self.config.node.clone(),
+            q: self.config.q,
+            n: self.config.n,
+            members: self.membership.members().map(|m| m.id.clone()).collect(),
+        }
+    }
+
+    /// Whether a peer's greeting is acceptable: same cluster, Q and N, and a member.
+    pub fn check_hello(&self, hello: &Hello) -> Result<(), String> {
+        self.hello_check().check(hello)
+    }
+
+    /// A peer greeted us with the addresses it serves clients on.
+    pub fn learn_addresses(&mut self, peer: &NodeId, client_addr: &str, http_addr: &str) {
+        self.membership.set_addresses(peer, client_addr, http_addr);
+    }
+
+    /// The shell learned whether `peer` is reachable (a connection made or lost).
+    pub fn set_reachable(&mut self, peer: &NodeId, up: bool) {
+        self.membership.set_reachable(peer, up);
+    }
+
+    /// True when no request is in flight and no write awaits persistence, so a
+    /// node shutting down loses nothing by stopping now.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.persist_waiters.is_empty() && self.outputs.is_empty()
+    }
+
+    /// The next thing for the shell to do, if any.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    /// Expires every request whose deadline has passed.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(&(at, req)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, req));
+            if let Some(pending) = self.pending.remove(&req) {
+                self.expire(req, pending);
+            }
+        }
+    }
+
+    /// A client request arrived on connection `client`.
+    pub fn handle_client(&mut self, now: Millis, client: ClientId, envelope: ClientEnvelope) {
+        let origin = Origin::Client {
+            client,
+            id: envelope.id,
+        };
+        self.handle_request(now, origin, envelope.request);
+    }
+
+    /// A message from peer `from` (already past the `Hello` handshake).
+    pub fn handle_peer(&mut self, now: Millis, from: &NodeId, msg: PeerMessage) {
+        if !self.membership.contains(from) {
+            tracing::warn!(peer = %from, "message from a node that is not a member; dropped");
+            return;
+        }
+        match msg {
+            PeerMessage::Hello(_) | PeerMessage::HelloRejected { .. } => {}
+            PeerMessage::Replicate { req, key, set } => {
+                self.hlc_observe(&set);
+                let waiter = PersistWaiter::ReplicaAck {
+                    to: from.clone(),
+                    req,
+                };
+                if let Err(error) = self.merge_local(&key, &set, waiter, true) {
+                    self.send(
+                        from,
+                        PeerMessage::ReplicateAck {
+                            req,
+                            error: Some(error),
+                        },
+                    );
+                }
+            }
+            PeerMessage::ReplicateAck { req, error } => self.on_replicate_ack(from, req, error),
+            PeerMessage::Read { req, key } => {
+                let partition = self.membership.ring().partition_for_key(&key);
+                match self.load(partition, &key) {
+                    Ok(set) => self.send(from, PeerMessage::ReadReply { req, set }),
+                    // A replica that cannot read stays silent; the coordinator
+                    // counts it as missing rather than as empty.
+                    Err(e) => tracing::error!(error = %e, "read for a peer failed"),
+                }
+            }
+            PeerMessage::ReadReply { req, set } => self.on_read_reply(from, req, set),
+            PeerMessage::Repair { key, set } => {
+                self.hlc_observe(&set);
+                if let Err(e) = self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
+                    tracing::error!(error = %e, "read repair could not be applied");
+                }
+            }
+            PeerMessage::Forward { req, request } => {
+                let origin = Origin::Forwarded {
+                    from: from.clone(),
+                    req,
+                };
+                self.handle_request(now, origin, request);
+            }
+            PeerMessage::ForwardReply { req, reply } => {
+                if let Some(Pending::Forward(f)) = self.pending.get(&req) {
+                    if &f.to == from {
+                        let Some(Pending::Forward(f)) = self.remove_pending(req) else {
+                            unreachable!("checked above");
+                        };
+                        self.answer(f.origin, reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The shell made persist request `id` durable (`error` is `None`), or failed to.
+    pub fn on_persisted(&mut self, id: u64, error: Option<String>) {
+        let Some((partition, key, waiter)) = self.persist_waiters.remove(&id) else {
+            return;
+        };
+        let slot = (partition, key);
+        if error.is_none() {
+            if let Some((_, latest)) = self.unsynced.get(&slot) {
+                if *latest == id {
+                    self.unsynced.remove(&slot);
+                }
+            }
+        } else {
+            tracing::error!(id, error = ?error, "persist failed");
+        }
+        match waiter {
+            PersistWaiter::Coordinator { req } => {
+                let me = self.config.node.clone();
+                self.on_replicate_ack(&me, req, error);
+            }
+            PersistWaiter::ReplicaAck { to, req } => {
+                self.send(&to, PeerMessage::ReplicateAck { req, error });
+            }
+            PersistWaiter::Nobody => {}
+        }
+    }
+
+    // ---- coordination -------------------------------------------------------
+
+    fn handle_request(&mut self, now: Millis, origin: Origin, request: ClientRequest) {
+        match request {
+            ClientRequest::Ping => {
+                let node = self.config.node.clone();
+                self.answer(origin, ClientReply::Pong { node });
+            }
+            ClientRequest::ClusterInfo => {
+                let info = self.cluster_info();
+                self.answer(origin, ClientReply::ClusterInfo(info));
+            }
+            ClientRequest::LocalGet { key } => {
+                let partition = self.membership.ring().partition_for_key(&key);
+                let reply = match self.load(partition, &key) {
+                    Ok(set) => ClientReply::LocalGet(set),
+                    Err(e) => ClientReply::Error(ClientError::Internal(e)),
+                };
+                self.answer(origin, reply);
+            }
+            ClientRequest::Get { key, r } => self.start_get(now, origin, key, r),
+            ClientRequest::Put {
+                key,
+                value,
+                context,
+                w,
+                mode,
+            } => self.start_put(now, origin, key, value, context, w, mode),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), ClientError> {
+        if key.is_empty() {
+            return Err(ClientError::Invalid("the key is empty".into()));
+        }
+        if key.len() > self.config.max_key_bytes {
+            return Err(ClientError::KeyTooLarge {
+                len: key.len() as u64,
+                max: self.config.max_key_bytes as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn start_get(&mut self, now: Millis, origin: Origin, key: Vec<u8>, r: Option<u8>) {
+        if let Err(e) = self.check_key(&key) {
+            return self.answer(origin, ClientReply::Error(e));
+        }
+        let needed = match quorum::resolve("R", r, self.r, self.n) {
+            Ok(v) => v,
+            Err(e) => return self.answer(origin, ClientReply::Error(ClientError::Invalid(e))),
+        };
+        let ring = self.membership.ring();
+        let partition = ring.partition_for_key(&key);
+        let primaries = ring.primaries(partition, usize::from(self.n));
+        let req = self.next_request();
+        let deadline = now + self.config.request_timeout_ms;
+        let mut get = PendingGet {
+            origin,
+            key,
+            primaries,
+            needed,
+            replies: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            merged: DvvSet::default(),
+            deadline,
+            answered: false,
+        };
+        for p in get.primaries.clone() {
+            if p == self.config.node {
+                match self.load(partition, &get.key) {
+                    Ok(set) => record_read(&mut get, p, set, self.config.versioning),
+                    Err(e) => {
+                        tracing::error!(error = %e, "local read failed");
+                        get.failed.insert(p);
+                    }
+                }
+            } else {
+                let msg = PeerMessage::Read {
+                    req,
+                    key: get.key.clone(),
+                };
+                self.send(&p, msg);
+            }
+        }
+        self.insert_pending(req, Pending::Get(get));
+        self.progress_get(req);
+    }
+
+    fn on_read_reply(&mut self, from: &NodeId, req: u64, set: Option<DvvSet>) {
+        let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
+            return;
+        };
+        if !get.primaries.contains(from) || get.replies.contains_key(from) {
+            return;
+        }
+        if let Some(set) = &set {
+            self.hlc_observe(set);
+        }
+        let mode = self.config.versioning;
+        let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
+            unreachable!("checked above");
+        };
+        record_read(get, from.clone(), set, mode);
+        self.progress_get(req);
+    }
+
+    /// Answers a get once R primaries replied, and repairs once all have (or at
+    /// the deadline, see `expire`).
+    fn progress_get(&mut self, req: u64) {
+        let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
+            return;
+        };
+        if !get.answered && get.replies.len() >= usize::from(get.needed) {
+            get.answered = true;
+            let reply = get_reply(&get.merged);
+            let origin = get.origin.clone();
+            self.answer(origin, reply);
+        }
+        let Some(Pending::Get(get)) = self.pending.get(&req) else {
+            return;
+        };
+        if get.replies.len() + get.failed.len() >= get.primaries.len() {
+            let Some(Pending::Get(get)) = self.remove_pending(req) else {
+                unreachable!("checked above");
+            };
+            self.finish_get(get);
+        }
+    }
+
+    /// Read repair: every primary that answered with less than the merged set
+    /// gets the merged set.
+    fn finish_get(&mut self, get: PendingGet) {
+        if !get.answered {
+            let reply = ClientReply::Error(ClientError::Quorum {
+                op: "get".into(),
+                write: false,
+                needed: get.needed,
+                replied: get.replies.len() as u8,
+                n: get.primaries.len() as u8,
+            });
+            self.answer(get.origin.clone(), reply);
+        }
+        if get.merged == DvvSet::default() {
+            return;
+        }
+        for (node, reply) in &get.replies {
+            if reply.as_ref() == Some(&get.merged) {
+                continue;
+            }
+            if *node == self.config.node {
+                if let Err(e) = self.merge_local(&get.key, &get.merged, PersistWaiter::Nobody, false)
+                {
+                    tracing::error!(error = %e, "local read repair failed");
+                }
+            } else {
+                let msg = PeerMessage::Repair {
+                    key: get.key.clone(),
+                    set: get.merged.clone(),
+                };
+                self.send(node, msg);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_put(
+        &mut self,
+        now: Millis,
+        origin: Origin,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: Option<Context>,
+        w: Option<u8>,
+        mode: WriteMode,
+    ) {
+        if let Err(e) = self.check_key(&key) {
+            return self.answer(origin, ClientReply::Error(e));
+        }
+        if let Some(v) = &value {
+            if v.len() > self.config.max_value_bytes {
+                let e = ClientError::ValueTooLarge {
+                    len: v.len() as u64,
+                    max: self.config.max_value_bytes as u64,
+                };
+                return self.answer(origin, ClientReply::Error(e));
+            }
+        }
+        let needed = match quorum::resolve("W", w, self.w, self.n) {
+            Ok(v) => v,
+            Err(e) => return self.answer(origin, ClientReply::Error(ClientError::Invalid(e))),
+        };
+        let ring = self.membership.ring();
+        let partition = ring.partition_for_key(&key);
+        let primaries = ring.primaries(partition, usize::from(self.n));
+        if !primaries.contains(&self.config.node) {
+            return self.forward(now, origin, primaries, key, value, context, w, mode);
+        }
+        let local = match self.load(partition, &key) {
+            Ok(set) => set.unwrap_or_default(),
+            Err(e) => return self.answer(origin, ClientReply::Error(ClientError::Internal(e))),
+        };
+        // In LWW mode the new write must sort after what it replaces here.
+        self.hlc_observe(&local);
+        let timestamp = self.hlc.now(now);
+        let is_delete = value.is_none();
+        let outcome = match version::write(
+            &local,
+            context.as_ref(),
+            mode,
+            value,
+            self.actor,
+            timestamp,
+            self.config.versioning,
+            self.config.max_siblings,
+        ) {
+            Ok(outcome) => outcome,
+            Err(version::VersionError::TooManySiblings { count, limit }) => {
+                let e = ClientError::TooManySiblings {
+                    count: count as u32,
+                    limit: limit as u32,
+                };
+                return self.answer(origin, ClientReply::Error(e));
+            }
+        };
+        let req = self.next_request();
+        for p in &primaries {
+            if *p != self.config.node {
+                let msg = PeerMessage::Replicate {
+                    req,
+                    key: key.clone(),
+                    set: outcome.set.clone(),
+                };
+                self.send(p, msg);
+            }
+        }
+        self.persist(
+            partition,
+            key,
+            outcome.set,
+            PersistWaiter::Coordinator { req },
+        );
+        let put = PendingPut {
+            origin,
+            primaries,
+            needed,
+            acked: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            dot: outcome.dot,
+            reply_context: outcome.reply_context,
+            deadline: now + self.config.request_timeout_ms,
+            answered: false,
+            is_delete,
+        };
+        self.insert_pending(req, Pending::Put(put));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        now: Millis,
+        origin: Origin,
+        primaries: Vec<NodeId>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: Option<Context>,
+        w: Option<u8>,
+        mode: WriteMode,
+    ) {
+        if matches!(origin, Origin::Forwarded { .. }) {
+            // The forwarding node's ring named us a primary and ours does not:
+            // refuse rather than bounce the write around.
+            let e = ClientError::Unavailable(format!(
+                "{} received a forwarded write for a key it is not a primary of; the rings \
+                 disagree, retry shortly",
+                self.config.node
+            ));
+            return self.answer(origin, ClientReply::Error(e));
+        }
+        let to = primaries
+            .iter()
+            .find(|p| self.membership.is_up(p))
+            .unwrap_or(&primaries[0])
+            .clone();
+        let req = self.next_request();
+        let request = ClientRequest::Put {
+            key,
+            value,
+            context,
+            w,
+            mode,
+        };
+        self.send(&to, PeerMessage::Forward { req, request });
+        let deadline = now + self.config.request_timeout_ms;
+        self.insert_pending(req, Pending::Forward(PendingForward { origin, to, deadline }));
+    }
+
+    fn on_replicate_ack(&mut self, from: &NodeId, req: u64, error: Option<String>) {
+        let Some(Pending::Put(put)) = self.pending.get_mut(&req) else {
+            return;
+        };
+        if !put.primaries.contains(from) {
+            return;
+        }
+        match error {
+            None => {
+                put.acked.insert(from.clone());
+            }
+            Some(e) => {
+                tracing::warn!(replica = %from, error = %e, "replica failed to persist a write");
+                put.failed.insert(from.clone());
+            }
+        }
+        let n = put.primaries.len() as u8;
+        if !put.answered && put.acked.len() >= usize::from(put.needed) {
+            put.answered = true;
+            let reply = ClientReply::Put {
+                dot: put.dot,
+                context: put.reply_context.clone(),
+            };
+            let origin = put.origin.clone();
+            self.answer(origin, reply);
+        } else if !put.answered && !quorum::still_reachable(put.needed, put.failed.len(), n) {
+            put.answered = true;
+            let e = put_quorum_error(put);
+            let origin = put.origin.clone();
+            self.answer(origin, ClientReply::Error(e));
+        }
+        let Some(Pending::Put(put)) = self.pending.get(&req) else {
+            return;
+        };
+        if put.acked.len() + put.failed.len() >= put.primaries.len() {
+            self.remove_pending(req);
+        }
+    }
+
+    fn expire(&mut self, _req: u64, pending: Pending) {
+        match pending {
+            Pending::Put(put) => {
+                if !put.answered {
+                    let e = put_quorum_error(&put);
+                    self.answer(put.origin, ClientReply::Error(e));
+                }
+            }
+            Pending::Get(get) => self.finish_get(get),
+            Pending::Forward(f) => {
+                let e = ClientError::Unavailable(format!(
+                    "forwarded the write to primary {}, which did not answer in time; the \
+                     write may still have been applied",
+                    f.to
+                ));
+                self.answer(f.origin, ClientReply::Error(e));
+            }
+        }
+    }
+
+    // ---- replica side -------------------------------------------------------
+
+    /// Merges `incoming` into the local copy of `key` and persists the result.
+    /// With `always_persist`, persists even when nothing changed (a replica must
+    /// still acknowledge a duplicate replication once it is durable).
+    fn merge_local(
+        &mut self,
+        key: &[u8],
+        incoming: &DvvSet,
+        waiter: PersistWaiter,
+        always_persist: bool,
+    ) -> Result<(), String> {
+        let partition = self.membership.ring().partition_for_key(key);
+        let mut local = self.load(partition, key)?.unwrap_or_default();
+        let changed = version::merge_into(&mut local, incoming, self.config.versioning);
+        if changed || always_persist {
+            self.persist(partition, key.to_vec(), local, waiter);
+        }
+        Ok(())
+    }
+
+    fn persist(&mut self, partition: u32, key: Vec<u8>, set: DvvSet, waiter: PersistWaiter) {
+        let id = self.next_persist;
+        self.next_persist += 1;
+        self.unsynced
+            .insert((partition, key.clone()), (set.clone(), id));
+        self.persist_waiters
+            .insert(id, (partition, key.clone(), waiter));
+        self.outputs.push_back(Output::Persist(PersistRequest {
+            id,
+            partition,
+            key,
+            set,
+        }));
+    }
+
+    /// The local copy of a key: the newest unpersisted write, else the store's.
+    fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
+        if let Some((set, _)) = self.unsynced.get(&(partition, key.to_vec())) {
+            return Ok(Some(set.clone()));
+        }
+        self.store.load(partition, key).map_err(|e| e.to_string())
+    }
+
+    // ---- plumbing -----------------------------------------------------------
+
+    fn hlc_observe(&mut self, set: &DvvSet) {
+        if let Some(max) = set.siblings.values().map(|s| s.timestamp).max() {
+            self.hlc.observe(max);
+        }
+    }
+
+    fn next_request(&mut self) -> u64 {
+        let req = self.next_req;
+        self.next_req += 1;
+        req
+    }
+
+    fn insert_pending(&mut self, req: u64, pending: Pending) {
+        self.timers.insert((pending.deadline(), req));
+        self.pending.insert(req, pending);
+    }
+
+    fn remove_pending(&mut self, req: u64) -> Option<Pending> {
+        let pending = self.pending.remove(&req)?;
+        self.timers.remove(&(pending.deadline(), req));
+        Some(pending)
+    }
+
+    fn send(&mut self, to: &NodeId, msg: PeerMessage) {
+        self.outputs.push_back(Output::Peer {
+            to: to.clone(),
+            msg,
+        });
+    }
+
+    fn answer(&mut self, origin: Origin, reply: ClientReply) {
+        match origin {
+            Origin::Client { client, id } => self.outputs.push_back(Output::Reply { client, id, reply }),
+            Origin::Forwarded { from, req } => {
+                self.send(&from, PeerMessage::ForwardReply { req, reply })
+            }
+        }
+    }
+
+    fn cluster_info(&self) -> ClusterInfo {
+        let ring = self.membership.ring();
+        let members = self
+            .membership
+            .members()
+            .map(|m| MemberInfo {
+                id: m.id.clone(),
+                peer_addr: m.peer_addr.clone(),
+                client_addr: m.client_addr.clone(),
+                http_addr: m.http_addr.clone(),
+                status: if m.id == self.config.node || self.membership.is_up(&m.id) {
+                    "up".into()
+                } else {
+                    "unreachable".into()
+                },
+                partitions: ring.partitions_of(&m.id).len() as u32,
+            })
+            .collect();
+        ClusterInfo {
+            cluster_id: self.config.cluster_id.clone(),
+            node: self.config.node.clone(),
+            members,
+            ring_version: ring.version(),
+            ring_owners: ring.owners().to_vec(),
+            n: self.n,
+            r: self.r,
+            w: self.w,
+            q: ring.partition_count(),
+        }
+    }
+}
+
+fn record_read(get: &mut PendingGet, from: NodeId, set: Option<DvvSet>, mode: Versioning) {
+    if let Some(set) = &set {
+        version::merge_into(&mut get.merged, set, mode);
+    }
+    get.replies.insert(from, set);
+}
+
+fn get_reply(merged: &DvvSet) -> ClientReply {
+    ClientReply::Get(GetReply {
+        siblings: merged
+            .siblings
+            .iter()
+            .map(|(d, s)| (*d, s.clone()))
+            .collect(),
+        context: merged.context.clone(),
+    })
+}
+
+fn put_quorum_error(put: &PendingPut) -> ClientError {
+    ClientError::Quorum {
+        op: if put.is_delete { "delete" } else { "put" }.into(),
+        write: true,
+        needed: put.needed,
+        replied: put.acked.len() as u8,
+        n: put.primaries.len() as u8,
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.config.node)
+            .field("actor", &self.actor)
+            .field("pending", &self.pending.len())
+            .field("unsynced", &self.unsynced.len())
+            .finish()
+    }
+}

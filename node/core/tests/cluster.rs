@@ -1,0 +1,375 @@
+//! Whole-cluster behaviour of the `Node` state machine, driven deterministically
+//! through the in-memory harness in `util`.
+
+mod util;
+
+use dynamo_core::version::Versioning;
+use dynamo_core::Config;
+use dynamo_proto::{ClientError, ClientReply, ClientRequest, ClusterId, Hello, NodeId, WriteMode};
+use util::*;
+
+fn k(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// A key whose preference list (N = 3 of 4 nodes) leaves out `outsider`.
+fn key_not_on(cluster: &Cluster, outsider: &str) -> Vec<u8> {
+    (0..1000)
+        .map(|i| format!("key-{i}").into_bytes())
+        .find(|key| !cluster.primaries(key).contains(&NodeId::from(outsider)))
+        .expect("some key avoids the node")
+}
+
+#[test]
+fn quorum_put_then_get() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let (dot, _) = expect_put(c.put("n1", b"k", b"v1", None));
+    let got = expect_get(c.get("n2", b"k", None));
+    assert_eq!(values(&got), ["v1"]);
+    assert_eq!(got.siblings[0].0, dot);
+    c.settle();
+    // Every primary stores it durably once the cluster is quiet.
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(set_values(&c.durable(n, b"k").unwrap()), ["v1"], "{n}");
+    }
+}
+
+#[test]
+fn quorum_failure_reports_counts() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("lonely");
+    let primaries = c.primaries(&key);
+    let coordinator = primaries[0].to_string();
+    for p in &primaries[1..] {
+        c.isolate(p.as_str());
+    }
+    let reply = c.put(&coordinator, &key, b"v", None);
+    let ClientReply::Error(err @ ClientError::Quorum { .. }) = reply else {
+        panic!("expected a quorum error, got {reply:?}");
+    };
+    assert_eq!(
+        err,
+        ClientError::Quorum {
+            op: "put".into(),
+            write: true,
+            needed: 2,
+            replied: 1,
+            n: 3
+        }
+    );
+    assert!(err.to_string().contains("may still have been applied"), "{err}");
+    let reply = c.get(&coordinator, &key, Some(3));
+    assert_eq!(
+        reply,
+        ClientReply::Error(ClientError::Quorum {
+            op: "get".into(),
+            write: false,
+            needed: 3,
+            replied: 1,
+            n: 3
+        })
+    );
+    // The failed write is still on the coordinator: indeterminate, not lost.
+    c.heal();
+    let got = expect_get(c.get(&coordinator, &key, Some(3)));
+    assert_eq!(values(&got), ["v"]);
+}
+
+#[test]
+fn replicas_ack_only_after_persisting() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("held");
+    let primaries = c.primaries(&key);
+    for p in &primaries {
+        c.node_mut(p.as_str()).hold_sync = true;
+    }
+    let req = c.submit(primaries[0].as_str(), put_req(&key, Some(b"v"), None, None));
+    c.run_until_quiet();
+    assert!(!c.replies.contains_key(&req), "acknowledged before any replica was durable");
+    c.node_mut(primaries[1].as_str()).hold_sync = false;
+    c.run_until_quiet();
+    assert!(!c.replies.contains_key(&req), "acknowledged with one durable copy and W = 2");
+    c.node_mut(primaries[0].as_str()).hold_sync = false;
+    c.run_until_quiet();
+    expect_put(c.replies.remove(&req).expect("acknowledged once two copies are durable"));
+}
+
+#[test]
+fn concurrent_writes_make_siblings_and_a_merged_context_resolves_them() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("cart");
+    let (_, ctx0) = expect_put(c.put("n1", &key, b"base", None));
+    // Two clients read-modify-write from the same context, through different nodes.
+    let a = c.submit("n1", put_req(&key, Some(b"a"), Some(ctx0.clone()), None));
+    let b = c.submit("n2", put_req(&key, Some(b"b"), Some(ctx0), None));
+    expect_put(c.wait(a));
+    expect_put(c.wait(b));
+    let got = expect_get(c.get("n3", &key, Some(3)));
+    assert_eq!(values(&got), ["a", "b"], "both concurrent writes survive as siblings");
+    let (_, ctx) = expect_put(c.put("n3", &key, b"a+b", Some(got.context)));
+    let got = expect_get(c.get("n1", &key, Some(3)));
+    assert_eq!(values(&got), ["a+b"]);
+    // The reply context of the resolving write covers what it resolved.
+    for (dot, _) in &got.siblings {
+        assert!(dynamo_core::version::covers(&ctx, dot));
+    }
+}
+
+#[test]
+fn a_chain_of_puts_leaves_one_value_and_interleaved_puts_make_no_siblings() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("counter");
+    let coordinator = c.primaries(&key)[0].to_string();
+    let mut ctx = None;
+    for i in 0..5 {
+        let (_, next) = expect_put(c.put(&coordinator, &key, format!("v{i}").as_bytes(), ctx));
+        ctx = Some(next);
+    }
+    assert_eq!(values(&expect_get(c.get("n2", &key, None))), ["v4"]);
+    // Two in-flight puts at one coordinator, the second with the first's context
+    // as soon as it has it: no siblings.
+    let first = c.submit(&coordinator, put_req(&key, Some(b"x"), ctx.clone(), None));
+    let (_, ctx_x) = expect_put(c.wait(first));
+    let second = c.submit(&coordinator, put_req(&key, Some(b"y"), Some(ctx_x), None));
+    let third_blind_ctx = ctx;
+    expect_put(c.wait(second));
+    let got = expect_get(c.get(&coordinator, &key, Some(3)));
+    assert_eq!(values(&got), ["y"]);
+    // A put with a stale context (it saw v4, not x or y) does add a sibling.
+    expect_put(c.put(&coordinator, &key, b"stale", third_blind_ctx));
+    assert_eq!(values(&expect_get(c.get("n3", &key, Some(3)))), ["stale", "y"]);
+}
+
+#[test]
+fn delete_then_get() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("gone");
+    expect_put(c.put("n1", &key, b"v", None));
+    let got = expect_get(c.get("n1", &key, None));
+    let reply = c.request("n2", put_req(&key, None, Some(got.context), None));
+    expect_put(reply);
+    let got = expect_get(c.get("n3", &key, Some(3)));
+    assert!(values(&got).is_empty(), "deleted key still has values: {got:?}");
+    assert_eq!(got.siblings.len(), 1, "one tombstone");
+    assert!(got.siblings[0].1.value.is_none());
+    assert!(!got.context.vv.is_empty(), "the tombstone's context comes back");
+    // A delete without a context covers nothing: the value stays beside it.
+    expect_put(c.put("n1", &key, b"again", None));
+    expect_put(c.request("n1", put_req(&key, None, None, None)));
+    let got = expect_get(c.get("n1", &key, Some(3)));
+    assert_eq!(values(&got), ["again"]);
+}
+
+#[test]
+fn read_repair_fixes_a_replica_that_missed_a_write() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("repair-me");
+    let primaries = c.primaries(&key);
+    let missed = primaries[2].to_string();
+    c.isolate(&missed);
+    expect_put(c.put(primaries[0].as_str(), &key, b"v", None));
+    c.settle();
+    c.heal();
+    assert_eq!(c.durable(&missed, &key), None);
+    // R = 2 answers from the first two replies; the late, stale one is repaired.
+    let got = expect_get(c.get(primaries[0].as_str(), &key, Some(2)));
+    assert_eq!(values(&got), ["v"]);
+    c.settle();
+    assert_eq!(set_values(&c.durable(&missed, &key).expect("repaired")), ["v"]);
+    assert_eq!(c.durable(&missed, &key), c.durable(primaries[0].as_str(), &key));
+}
+
+#[test]
+fn writes_to_a_non_primary_are_forwarded_to_a_primary() {
+    let mut c = Cluster::new(4, 3, 2, 2);
+    let key = key_not_on(&c, "n4");
+    let (dot, _) = expect_put(c.put("n4", &key, b"forwarded", None));
+    // The dot was minted by a primary's actor, not n4's.
+    let n4_actor = c.node("n4").actor();
+    assert_ne!(dot.actor, n4_actor);
+    let primaries = c.primaries(&key);
+    assert!(primaries
+        .iter()
+        .any(|p| c.node(p.as_str()).actor() == dot.actor));
+    c.settle();
+    assert_eq!(c.durable("n4", &key), None, "the non-primary stores nothing");
+    // Gets coordinate anywhere.
+    assert_eq!(values(&expect_get(c.get("n4", &key, None))), ["forwarded"]);
+}
+
+#[test]
+fn forward_to_an_unreachable_primary_times_out_with_a_clear_error() {
+    let mut c = Cluster::new(4, 3, 2, 2);
+    let key = key_not_on(&c, "n4");
+    for p in c.primaries(&key) {
+        c.isolate(p.as_str());
+    }
+    let reply = c.put("n4", &key, b"v", None);
+    let ClientReply::Error(ClientError::Unavailable(msg)) = reply else {
+        panic!("expected unavailable, got {reply:?}");
+    };
+    assert!(msg.contains("may still have been applied"), "{msg}");
+}
+
+#[test]
+fn acknowledged_write_survives_a_replica_losing_unsynced_writes() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("durable");
+    let primaries = c.primaries(&key);
+    let lazy = primaries[2].to_string();
+    c.node_mut(&lazy).hold_sync = true;
+    let (dot, _) = expect_put(c.put(primaries[0].as_str(), &key, b"kept", None));
+    // The lazy replica merged it in memory but never synced; it crashes.
+    c.crash_and_restart(&lazy);
+    assert_eq!(c.durable(&lazy, &key), None);
+    // The two that acknowledged have it durably, and a full read brings it back.
+    for p in &primaries[..2] {
+        assert_eq!(set_values(&c.durable(p.as_str(), &key).unwrap()), ["kept"]);
+    }
+    let got = expect_get(c.get(&lazy, &key, Some(3)));
+    assert_eq!(got.siblings.iter().map(|(d, _)| *d).collect::<Vec<_>>(), [dot]);
+}
+
+#[test]
+fn coordinator_crash_before_its_own_sync_reuses_no_dot() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("coordinated");
+    let primaries = c.primaries(&key);
+    let coord = primaries[0].to_string();
+    c.node_mut(&coord).hold_sync = true;
+    // W = 2 is met by the two other replicas; the coordinator's copy is volatile.
+    let (dot1, _) = expect_put(c.put(&coord, &key, b"first", None));
+    c.crash_and_restart(&coord);
+    assert_eq!(c.durable(&coord, &key), None, "the coordinator lost its copy");
+    // After the restart it mints under a new epoch: no dot is reused.
+    let (dot2, _) = expect_put(c.put(&coord, &key, b"second", None));
+    assert_ne!(dot1, dot2);
+    assert_eq!(dot2.actor.epoch, dot1.actor.epoch + 1);
+    assert_eq!(dot2.actor.incarnation, dot1.actor.incarnation);
+    let got = expect_get(c.get(&coord, &key, Some(3)));
+    assert_eq!(values(&got), ["first", "second"], "every acknowledged value is there");
+}
+
+#[test]
+fn per_request_quorums_are_validated_and_defaults_clamped() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let reply = c.request("n1", put_req(b"k", Some(b"v"), None, Some(4)));
+    let ClientReply::Error(ClientError::Invalid(msg)) = reply else {
+        panic!("expected invalid, got {reply:?}");
+    };
+    assert!(msg.contains("1..=3"), "{msg}");
+    let reply = c.get("n1", b"k", Some(0));
+    assert!(matches!(reply, ClientReply::Error(ClientError::Invalid(_))));
+    // Two nodes with N = 3, W = 3: the effective N is 2 and W is clamped, with a warning.
+    let mut c = Cluster::new(2, 3, 3, 3);
+    assert_eq!(c.node("n1").quorum(), (2, 2, 2));
+    assert!(c.node("n1").warnings().iter().any(|w| w.contains("fewer than N")));
+    expect_put(c.put("n1", b"k", b"v", None));
+    assert_eq!(values(&expect_get(c.get("n2", b"k", None))), ["v"]);
+}
+
+#[test]
+fn limits_and_max_siblings_give_clear_errors() {
+    let mut config = Config::new("n1");
+    config.q = 64;
+    config.max_siblings = 3;
+    config.max_key_bytes = 8;
+    config.max_value_bytes = 16;
+    let mut c = Cluster::with_config(3, config);
+    assert!(matches!(
+        c.put("n1", b"much-too-long-key", b"v", None),
+        ClientReply::Error(ClientError::KeyTooLarge { len: 17, max: 8 })
+    ));
+    assert!(matches!(
+        c.put("n1", b"k", &[0; 17], None),
+        ClientReply::Error(ClientError::ValueTooLarge { len: 17, max: 16 })
+    ));
+    assert!(matches!(
+        c.put("n1", b"", b"v", None),
+        ClientReply::Error(ClientError::Invalid(_))
+    ));
+    let coord = c.primaries(b"k")[0].to_string();
+    for i in 0..3 {
+        expect_put(c.put(&coord, b"k", format!("{i}").as_bytes(), None));
+    }
+    let reply = c.put(&coord, b"k", b"one-too-many", None);
+    let ClientReply::Error(err @ ClientError::TooManySiblings { count: 4, limit: 3 }) = reply
+    else {
+        panic!("expected too many siblings, got {reply:?}");
+    };
+    assert!(err.to_string().contains("resolve"), "{err}");
+    // Resolving with the read's context is always possible.
+    let got = expect_get(c.get(&coord, b"k", None));
+    expect_put(c.put(&coord, b"k", b"merged", Some(got.context)));
+}
+
+#[test]
+fn overwrite_mode_supersedes_what_the_coordinator_holds() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let coord = c.primaries(b"k")[0].to_string();
+    for v in ["a", "b"] {
+        expect_put(c.put(&coord, b"k", v.as_bytes(), None));
+    }
+    let set = ClientRequest::Put {
+        key: b"k".to_vec(),
+        value: Some(b"set".to_vec()),
+        context: None,
+        w: None,
+        mode: WriteMode::Overwrite,
+    };
+    expect_put(c.request(&coord, set));
+    assert_eq!(values(&expect_get(c.get("n1", b"k", Some(3)))), ["set"]);
+}
+
+#[test]
+fn lww_mode_keeps_one_value() {
+    let mut config = Config::new("n1");
+    config.q = 64;
+    config.versioning = Versioning::Lww;
+    let mut c = Cluster::with_config(3, config);
+    expect_put(c.put("n1", b"k", b"old", None));
+    c.now += 10;
+    expect_put(c.put("n2", b"k", b"new", None));
+    let got = expect_get(c.get("n3", b"k", Some(3)));
+    assert_eq!(values(&got), ["new"]);
+}
+
+#[test]
+fn hello_checks_cluster_q_n_and_membership() {
+    let c = Cluster::new(3, 3, 2, 2);
+    let n1 = c.node("n1");
+    let good = c.node("n2").hello();
+    assert_eq!(n1.check_hello(&good), Ok(()));
+    let other_cluster = Hello {
+        cluster_id: ClusterId("other".into()),
+        ..good.clone()
+    };
+    assert!(n1.check_hello(&other_cluster).unwrap_err().contains("cluster"));
+    let other_q = Hello { q: 128, ..good.clone() };
+    assert!(n1.check_hello(&other_q).unwrap_err().contains("Q = 128"));
+    let other_n = Hello { n: 5, ..good.clone() };
+    assert!(n1.check_hello(&other_n).is_err());
+    let stranger = Hello {
+        node: NodeId::from("n9"),
+        ..good
+    };
+    assert!(n1.check_hello(&stranger).unwrap_err().contains("not a member"));
+}
+
+#[test]
+fn the_same_inputs_give_the_same_message_trace() {
+    fn run() -> Vec<String> {
+        let mut c = Cluster::new(4, 3, 2, 2);
+        for i in 0..20 {
+            let key = format!("k{}", i % 7);
+            let node = format!("n{}", 1 + i % 4);
+            let _ = c.put(&node, key.as_bytes(), format!("v{i}").as_bytes(), None);
+            let _ = c.get(&node, key.as_bytes(), None);
+        }
+        c.settle();
+        c.delivered
+    }
+    let a = run();
+    assert!(a.len() > 100);
+    assert_eq!(a, run());
+}

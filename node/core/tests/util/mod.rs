@@ -1,0 +1,325 @@
+//! A deterministic in-memory harness for several `Node`s: a FIFO network, a fake
+//! clock that jumps to the next timer, and a disk per node whose writes stay
+//! volatile until the harness syncs them (after quinn's `tests/util.rs` `Pair`).
+
+#![allow(dead_code)]
+
+use dynamo_core::{ClientId, Config, LocalStore, Member, Millis, Node, Output, StoreError};
+use dynamo_proto::{
+    Actor, ClientEnvelope, ClientReply, ClientRequest, Context, DvvSet, GetReply, NodeId,
+    PeerMessage, WriteMode,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// One node's disk: what survives a crash, and what does not yet.
+#[derive(Default, Debug)]
+pub struct Disk {
+    pub durable: BTreeMap<(u32, Vec<u8>), DvvSet>,
+    pub volatile: BTreeMap<(u32, Vec<u8>), DvvSet>,
+}
+
+#[derive(Clone, Default)]
+pub struct DiskHandle(pub Arc<Mutex<Disk>>);
+
+impl LocalStore for DiskHandle {
+    fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StoreError> {
+        let disk = self.0.lock().unwrap();
+        let slot = (partition, key.to_vec());
+        Ok(disk
+            .volatile
+            .get(&slot)
+            .or_else(|| disk.durable.get(&slot))
+            .cloned())
+    }
+}
+
+pub struct SimNode {
+    pub node: Node,
+    pub disk: DiskHandle,
+    /// Persist requests applied to the volatile disk, not yet synced.
+    pub unsynced: Vec<u64>,
+    /// While set, this node's disk does not sync (its acks wait).
+    pub hold_sync: bool,
+    pub incarnation: u64,
+    pub epoch: u32,
+}
+
+pub struct Cluster {
+    pub now: Millis,
+    pub nodes: BTreeMap<NodeId, SimNode>,
+    pub members: Vec<Member>,
+    pub config: Config,
+    net: VecDeque<(NodeId, NodeId, PeerMessage)>,
+    /// Nodes cut off from everyone: messages to and from them are dropped.
+    pub isolated: BTreeSet<NodeId>,
+    pub replies: BTreeMap<(ClientId, u64), ClientReply>,
+    next_client_req: u64,
+    /// Every peer message delivered, in order (for determinism checks).
+    pub delivered: Vec<String>,
+}
+
+pub fn ids(names: &[&str]) -> Vec<NodeId> {
+    names.iter().map(|n| NodeId::from(*n)).collect()
+}
+
+impl Cluster {
+    /// `size` nodes named n1..n<size> with the given N/R/W and Q = 64.
+    pub fn new(size: usize, n: u8, r: u8, w: u8) -> Cluster {
+        let mut config = Config::new("n1");
+        config.n = n;
+        config.r = r;
+        config.w = w;
+        config.q = 64;
+        config.request_timeout_ms = 1_000;
+        Self::with_config(size, config)
+    }
+
+    pub fn with_config(size: usize, config: Config) -> Cluster {
+        let members: Vec<Member> = (1..=size).map(|i| Member::named(&format!("n{i}"))).collect();
+        let mut cluster = Cluster {
+            now: 1_000,
+            nodes: BTreeMap::new(),
+            members: members.clone(),
+            config,
+            net: VecDeque::new(),
+            isolated: BTreeSet::new(),
+            replies: BTreeMap::new(),
+            next_client_req: 1,
+            delivered: Vec::new(),
+        };
+        for (i, m) in members.iter().enumerate() {
+            let disk = DiskHandle::default();
+            let sim = cluster.boot(&m.id, disk, 0x1000 + i as u64, 1);
+            cluster.nodes.insert(m.id.clone(), sim);
+        }
+        cluster
+    }
+
+    fn boot(&self, id: &NodeId, disk: DiskHandle, incarnation: u64, epoch: u32) -> SimNode {
+        let mut config = self.config.clone();
+        config.node = id.clone();
+        let actor = Actor { incarnation, epoch };
+        let node = Node::new(config, self.members.clone(), actor, Box::new(disk.clone()))
+            .expect("valid cluster");
+        SimNode {
+            node,
+            disk,
+            unsynced: Vec::new(),
+            hold_sync: false,
+            incarnation,
+            epoch,
+        }
+    }
+
+    pub fn node(&self, id: &str) -> &Node {
+        &self.nodes[&NodeId::from(id)].node
+    }
+
+    pub fn node_mut(&mut self, id: &str) -> &mut SimNode {
+        self.nodes.get_mut(&NodeId::from(id)).unwrap()
+    }
+
+    /// The primaries of `key` in ring order.
+    pub fn primaries(&self, key: &[u8]) -> Vec<NodeId> {
+        let node = self.nodes.values().next().unwrap();
+        let ring = node.node.membership().ring();
+        let (n, _, _) = node.node.quorum();
+        ring.primaries(ring.partition_for_key(key), usize::from(n))
+    }
+
+    /// Sends a client request to `to` and returns its id.
+    pub fn submit(&mut self, to: &str, request: ClientRequest) -> (ClientId, u64) {
+        let id = self.next_client_req;
+        self.next_client_req += 1;
+        let client = ClientId(7);
+        let now = self.now;
+        self.node_mut(to)
+            .node
+            .handle_client(now, client, ClientEnvelope { id, request });
+        (client, id)
+    }
+
+    /// Runs until `req` is answered (jumping the clock to timers as needed).
+    pub fn wait(&mut self, req: (ClientId, u64)) -> ClientReply {
+        for _ in 0..10_000 {
+            self.run_until_quiet();
+            if let Some(reply) = self.replies.remove(&req) {
+                return reply;
+            }
+            if !self.advance_to_next_timer() {
+                break;
+            }
+        }
+        panic!("request {req:?} never answered");
+    }
+
+    pub fn request(&mut self, to: &str, request: ClientRequest) -> ClientReply {
+        let req = self.submit(to, request);
+        self.wait(req)
+    }
+
+    pub fn put(&mut self, to: &str, key: &[u8], value: &[u8], context: Option<Context>) -> ClientReply {
+        self.request(to, put_req(key, Some(value), context, None))
+    }
+
+    pub fn get(&mut self, to: &str, key: &[u8], r: Option<u8>) -> ClientReply {
+        self.request(to, ClientRequest::Get { key: key.to_vec(), r })
+    }
+
+    /// Delivers messages, applies and syncs persists, until nothing moves.
+    pub fn run_until_quiet(&mut self) {
+        loop {
+            let mut moved = self.drain_outputs();
+            moved |= self.sync_disks();
+            if let Some((from, to, msg)) = self.net.pop_front() {
+                moved = true;
+                if !self.isolated.contains(&from) && !self.isolated.contains(&to) {
+                    self.delivered.push(format!("{from}->{to}: {msg:?}"));
+                    let now = self.now;
+                    if let Some(sim) = self.nodes.get_mut(&to) {
+                        sim.node.handle_peer(now, &from, msg);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Jumps the clock to the earliest timer and fires it. False when none is armed.
+    pub fn advance_to_next_timer(&mut self) -> bool {
+        let next = self.nodes.values().filter_map(|s| s.node.poll_timeout()).min();
+        let Some(at) = next else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        let now = self.now;
+        for sim in self.nodes.values_mut() {
+            sim.node.handle_timeout(now);
+        }
+        self.run_until_quiet();
+        true
+    }
+
+    /// Lets every pending timer fire (request deadlines pass, late repairs run).
+    pub fn settle(&mut self) {
+        self.run_until_quiet();
+        while self.advance_to_next_timer() {}
+    }
+
+    fn drain_outputs(&mut self) -> bool {
+        let mut moved = false;
+        for (id, sim) in self.nodes.iter_mut() {
+            while let Some(out) = sim.node.poll_output() {
+                moved = true;
+                match out {
+                    Output::Peer { to, msg } => self.net.push_back((id.clone(), to, msg)),
+                    Output::Reply { client, id, reply } => {
+                        self.replies.insert((client, id), reply);
+                    }
+                    Output::Persist(p) => {
+                        let mut disk = sim.disk.0.lock().unwrap();
+                        disk.volatile.insert((p.partition, p.key), p.set);
+                        sim.unsynced.push(p.id);
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    fn sync_disks(&mut self) -> bool {
+        let mut moved = false;
+        for sim in self.nodes.values_mut() {
+            if sim.hold_sync || sim.unsynced.is_empty() {
+                continue;
+            }
+            moved = true;
+            {
+                let mut disk = sim.disk.0.lock().unwrap();
+                let volatile = std::mem::take(&mut disk.volatile);
+                disk.durable.extend(volatile);
+            }
+            for id in std::mem::take(&mut sim.unsynced) {
+                sim.node.on_persisted(id, None);
+            }
+        }
+        moved
+    }
+
+    /// Crashes `id`: unsynced writes and in-flight messages are lost; the node
+    /// restarts from its durable disk with its epoch bumped (as the shell does).
+    pub fn crash_and_restart(&mut self, id: &str) {
+        let id = NodeId::from(id);
+        let old = self.nodes.remove(&id).unwrap();
+        old.disk.0.lock().unwrap().volatile.clear();
+        self.net.retain(|(from, to, _)| *from != id && *to != id);
+        let sim = self.boot(&id, old.disk.clone(), old.incarnation, old.epoch + 1);
+        self.nodes.insert(id, sim);
+    }
+
+    /// Cuts `id` off from everyone (messages to and from it are dropped).
+    pub fn isolate(&mut self, id: &str) {
+        self.isolated.insert(NodeId::from(id));
+    }
+
+    pub fn heal(&mut self) {
+        self.isolated.clear();
+    }
+
+    /// What `id` durably stores for `key`.
+    pub fn durable(&self, id: &str, key: &[u8]) -> Option<DvvSet> {
+        let sim = &self.nodes[&NodeId::from(id)];
+        let ring = sim.node.membership().ring();
+        let slot = (ring.partition_for_key(key), key.to_vec());
+        sim.disk.0.lock().unwrap().durable.get(&slot).cloned()
+    }
+}
+
+pub fn put_req(key: &[u8], value: Option<&[u8]>, context: Option<Context>, w: Option<u8>) -> ClientRequest {
+    ClientRequest::Put {
+        key: key.to_vec(),
+        value: value.map(|v| v.to_vec()),
+        context,
+        w,
+        mode: WriteMode::Context,
+    }
+}
+
+pub fn expect_get(reply: ClientReply) -> GetReply {
+    match reply {
+        ClientReply::Get(g) => g,
+        other => panic!("expected a get reply, got {other:?}"),
+    }
+}
+
+pub fn expect_put(reply: ClientReply) -> (dynamo_proto::Dot, Context) {
+    match reply {
+        ClientReply::Put { dot, context } => (dot, context),
+        other => panic!("expected a put reply, got {other:?}"),
+    }
+}
+
+/// The live values of a get, sorted, as strings.
+pub fn values(reply: &GetReply) -> Vec<String> {
+    let mut v: Vec<String> = reply
+        .values()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The live values stored in a set, sorted, as strings.
+pub fn set_values(set: &DvvSet) -> Vec<String> {
+    let mut v: Vec<String> = set
+        .siblings
+        .values()
+        .filter_map(|s| s.value.as_deref())
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    v.sort();
+    v
+}

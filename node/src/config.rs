@@ -1,0 +1,339 @@
+//! Server configuration: defaults, a TOML file, `DYNAMO_*` environment variables
+//! and command-line flags, in rising precedence (a flag beats the environment,
+//! the environment beats the file, the file beats the defaults).
+//!
+//! It owns parsing and validation only; it never opens sockets or files other
+//! than the config file itself.
+
+use crate::storage::SyncPolicy;
+use anyhow::{bail, Context as _};
+use dynamo_core::version::Versioning;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `dynamo server` flags. Each also reads a `DYNAMO_*` variable; unset ones fall
+/// back to the config file, then to the defaults.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// A TOML file with any of the settings below (flag names with `_` for `-`).
+    #[arg(long, env = "DYNAMO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name, unique in the cluster. [default: n1]
+    #[arg(long, env = "DYNAMO_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The cluster's name; nodes refuse peers from another cluster. [default: dynamo]
+    #[arg(long, env = "DYNAMO_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Address for internode traffic. [default: 127.0.0.1:7000]
+    #[arg(long, env = "DYNAMO_PEER_ADDR")]
+    pub peer_addr: Option<String>,
+    /// Address for the binary client protocol. [default: 127.0.0.1:7100]
+    #[arg(long, env = "DYNAMO_CLIENT_ADDR")]
+    pub client_addr: Option<String>,
+    /// Address for the HTTP API ("off" disables it). [default: 127.0.0.1:8080]
+    #[arg(long, env = "DYNAMO_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Where this node keeps its data. [default: ./data/<node-id>]
+    #[arg(long, env = "DYNAMO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The other members as NAME=PEER_ADDR, repeated or comma-separated.
+    #[arg(long = "peer", env = "DYNAMO_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Replicas per key. [default: 3]
+    #[arg(long, env = "DYNAMO_N")]
+    pub n: Option<u8>,
+    /// Default read quorum. [default: 2]
+    #[arg(long, env = "DYNAMO_R")]
+    pub r: Option<u8>,
+    /// Default write quorum. [default: 2]
+    #[arg(long, env = "DYNAMO_W")]
+    pub w: Option<u8>,
+    /// Ring partitions, a power of two, fixed at cluster creation. [default: 256]
+    #[arg(long, env = "DYNAMO_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// always | interval:<ms> | none. [default: always]
+    #[arg(long, env = "DYNAMO_SYNC")]
+    pub sync: Option<String>,
+    /// How long a coordinator waits for its quorum. [default: 2000]
+    #[arg(long, env = "DYNAMO_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest key accepted, in bytes. [default: 1024]
+    #[arg(long, env = "DYNAMO_MAX_KEY_BYTES")]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value accepted, in bytes. [default: 1048576]
+    #[arg(long, env = "DYNAMO_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// Most siblings a key may hold before writes without a resolving context are refused. [default: 16]
+    #[arg(long, env = "DYNAMO_MAX_SIBLINGS")]
+    pub max_siblings: Option<usize>,
+    /// dvv (siblings) | lww (last write wins; can drop concurrent writes). [default: dvv]
+    #[arg(long, env = "DYNAMO_VERSIONING")]
+    pub versioning: Option<String>,
+}
+
+/// The same settings as they may appear in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    cluster_id: Option<String>,
+    peer_addr: Option<String>,
+    client_addr: Option<String>,
+    http_addr: Option<String>,
+    data_dir: Option<PathBuf>,
+    peers: Option<Vec<String>>,
+    n: Option<u8>,
+    r: Option<u8>,
+    w: Option<u8>,
+    partitions: Option<u32>,
+    sync: Option<String>,
+    request_timeout_ms: Option<u64>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_siblings: Option<usize>,
+    versioning: Option<String>,
+}
+
+/// A peer named on the command line or in the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerSpec {
+    pub id: String,
+    pub peer_addr: String,
+}
+
+impl std::str::FromStr for PeerSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<PeerSpec> {
+        let Some((id, addr)) = s.trim().split_once('=') else {
+            bail!("peer {s:?} should look like NAME=HOST:PORT (for example n2=127.0.0.1:7001)");
+        };
+        if id.is_empty() || addr.is_empty() || !addr.contains(':') {
+            bail!("peer {s:?} should look like NAME=HOST:PORT (for example n2=127.0.0.1:7001)");
+        }
+        Ok(PeerSpec {
+            id: id.to_string(),
+            peer_addr: addr.to_string(),
+        })
+    }
+}
+
+/// The effective configuration, every setting resolved and validated.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerConfig {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub peer_addr: String,
+    pub client_addr: String,
+    /// `None` when HTTP is off.
+    pub http_addr: Option<String>,
+    pub data_dir: PathBuf,
+    pub peers: Vec<PeerSpec>,
+    pub n: u8,
+    pub r: u8,
+    pub w: u8,
+    pub partitions: u32,
+    #[serde(serialize_with = "display")]
+    pub sync: SyncPolicy,
+    pub request_timeout_ms: u64,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_siblings: usize,
+    #[serde(serialize_with = "debug_lower")]
+    pub versioning: Versioning,
+}
+
+fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn debug_lower<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:?}").to_lowercase())
+}
+
+impl ServerConfig {
+    /// Resolves flags and environment (already merged by clap) over the file
+    /// over the defaults, and validates the result.
+    pub fn resolve(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        fn pick<T: Clone>(flag: &Option<T>, file: Option<T>, default: T) -> T {
+            flag.clone().or(file).unwrap_or(default)
+        }
+        let node_id = pick(&args.node_id, file.node_id, "n1".into());
+        let peers_raw = if args.peers.is_empty() {
+            file.peers.unwrap_or_default()
+        } else {
+            args.peers.clone()
+        };
+        let mut peers = Vec::new();
+        for raw in peers_raw.iter().filter(|p| !p.trim().is_empty()) {
+            let spec: PeerSpec = raw.parse()?;
+            if spec.id == node_id {
+                continue; // A shared peer list may name this node too.
+            }
+            if peers.iter().any(|p: &PeerSpec| p.id == spec.id) {
+                bail!("peer {} is listed twice", spec.id);
+            }
+            peers.push(spec);
+        }
+        let http_addr = pick(&args.http_addr, file.http_addr, "127.0.0.1:8080".into());
+        let http_addr = match http_addr.as_str() {
+            "" | "off" | "none" => None,
+            _ => Some(http_addr),
+        };
+        let sync_raw = pick(&args.sync, file.sync, "always".into());
+        let sync: SyncPolicy = sync_raw
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--sync {sync_raw:?}: {e}"))?;
+        let versioning = match pick(&args.versioning, file.versioning, "dvv".into()).as_str() {
+            "dvv" => Versioning::Dvv,
+            "lww" => Versioning::Lww,
+            other => bail!("--versioning {other:?}: choose dvv (siblings) or lww (last write wins)"),
+        };
+        let config = ServerConfig {
+            data_dir: pick(
+                &args.data_dir,
+                file.data_dir,
+                PathBuf::from("data").join(&node_id),
+            ),
+            node_id,
+            cluster_id: pick(&args.cluster_id, file.cluster_id, "dynamo".into()),
+            peer_addr: pick(&args.peer_addr, file.peer_addr, "127.0.0.1:7000".into()),
+            client_addr: pick(&args.client_addr, file.client_addr, "127.0.0.1:7100".into()),
+            http_addr,
+            peers,
+            n: pick(&args.n, file.n, 3),
+            r: pick(&args.r, file.r, 2),
+            w: pick(&args.w, file.w, 2),
+            partitions: pick(&args.partitions, file.partitions, 256),
+            sync,
+            request_timeout_ms: pick(&args.request_timeout_ms, file.request_timeout_ms, 2_000),
+            max_key_bytes: pick(&args.max_key_bytes, file.max_key_bytes, 1024),
+            max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
+            max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
+            versioning,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.node_id.is_empty() || self.node_id.contains(['=', ',', ' ']) {
+            bail!("--node-id {:?} must be non-empty without '=', ',' or spaces", self.node_id);
+        }
+        if self.n == 0 {
+            bail!("--n 0 would store nothing; use at least 1");
+        }
+        if self.r == 0 || self.w == 0 {
+            bail!("--r and --w must be at least 1");
+        }
+        if self.r > self.n || self.w > self.n {
+            bail!(
+                "--r {} / --w {} cannot exceed --n {}: a quorum counts distinct replicas",
+                self.r,
+                self.w,
+                self.n
+            );
+        }
+        if !self.partitions.is_power_of_two() {
+            bail!("--partitions {} must be a power of two (for example 64, 256, 1024)", self.partitions);
+        }
+        if self.request_timeout_ms == 0 {
+            bail!("--request-timeout-ms must be positive");
+        }
+        if self.max_key_bytes == 0 || self.max_value_bytes == 0 {
+            bail!("--max-key-bytes and --max-value-bytes must be positive");
+        }
+        if self.max_siblings == 0 {
+            bail!("--max-siblings must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The largest frame this node accepts: every sibling at the maximum value
+    /// size, plus room for keys, contexts and envelopes.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_siblings
+            .saturating_mul(self.max_value_bytes + 256)
+            .saturating_add(self.max_key_bytes)
+            .saturating_add(1 << 20)
+    }
+
+    /// The core's view of these settings.
+    pub fn core_config(&self) -> dynamo_core::Config {
+        let mut c = dynamo_core::Config::new(&self.node_id);
+        c.cluster_id = dynamo_proto::ClusterId(self.cluster_id.clone());
+        c.n = self.n;
+        c.r = self.r;
+        c.w = self.w;
+        c.q = self.partitions;
+        c.request_timeout_ms = self.request_timeout_ms;
+        c.max_siblings = self.max_siblings;
+        c.versioning = self.versioning;
+        c.max_key_bytes = self.max_key_bytes;
+        c.max_value_bytes = self.max_value_bytes;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = ServerConfig::resolve(&ServerArgs::default()).unwrap();
+        assert_eq!((c.n, c.r, c.w, c.partitions), (3, 2, 2, 256));
+        assert_eq!(c.sync, SyncPolicy::Always);
+        assert_eq!(c.data_dir, PathBuf::from("data/n1"));
+        assert_eq!(c.http_addr.as_deref(), Some("127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamo.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(path),
+            r: Some(1),
+            ..Default::default()
+        };
+        let c = ServerConfig::resolve(&args).unwrap();
+        assert_eq!(c.node_id, "a");
+        assert_eq!((c.n, c.r, c.w), (5, 1, 3));
+        assert_eq!(c.peers, vec!["b=127.0.0.1:2".parse::<PeerSpec>().unwrap()]);
+        assert_eq!(c.http_addr, None);
+    }
+
+    #[test]
+    fn bad_settings_say_what_to_change() {
+        let bad = |args: ServerArgs| ServerConfig::resolve(&args).unwrap_err().to_string();
+        assert!(bad(ServerArgs { partitions: Some(100), ..Default::default() }).contains("power of two"));
+        assert!(bad(ServerArgs { sync: Some("sometimes".into()), ..Default::default() }).contains("always"));
+        assert!(bad(ServerArgs { peers: vec!["n2".into()], ..Default::default() }).contains("NAME=HOST:PORT"));
+        assert!(bad(ServerArgs { r: Some(4), ..Default::default() }).contains("cannot exceed"));
+        assert!(bad(ServerArgs { versioning: Some("x".into()), ..Default::default() }).contains("lww"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamo.toml");
+        std::fs::write(&path, "nodeid = \"a\"\n").unwrap();
+        let err = ServerConfig::resolve(&ServerArgs { config: Some(path), ..Default::default() })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("nodeid"), "{err:#}");
+    }
+}

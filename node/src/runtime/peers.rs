@@ -1,0 +1,347 @@
+//! Internode transport: one long-lived outbound TCP connection per peer for what
+//! this node sends, and an acceptor for what peers send to it.
+//!
+//! Every connection starts with a `Hello` each way; a peer from another cluster,
+//! with another Q or N, or not a member, is refused with `HelloRejected`. Frames
+//! are `dynamo-proto` frames; a malformed one closes that connection and nothing
+//! else. Outbound connections reconnect with capped exponential backoff; while a
+//! peer is unreachable its messages are dropped (the core's timeouts, read
+//! repair and, later, hinted handoff make up for them).
+//!
+//! Only `tokio::net`, `tokio::time` and `tokio::spawn` are used, so the simulator
+//! runs this very code.
+
+use super::handle::Event;
+use dynamo_core::HelloCheck;
+use dynamo_proto::{FrameCodec, FrameError, Hello, NodeId, PeerMessage};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Messages written per flush at most, so one busy peer cannot starve the others.
+const MAX_BATCH: usize = 256;
+
+/// The senders for every peer's outbound connection task.
+#[derive(Clone, Default)]
+pub(crate) struct PeerSenders {
+    senders: BTreeMap<NodeId, mpsc::UnboundedSender<PeerMessage>>,
+}
+
+impl PeerSenders {
+    pub fn send(&self, to: &NodeId, msg: PeerMessage) {
+        match self.senders.get(to) {
+            Some(tx) => {
+                let _ = tx.send(msg);
+            }
+            None => tracing::warn!(peer = %to, "no connection to a peer the core named"),
+        }
+    }
+}
+
+/// What the connection tasks share.
+#[derive(Clone)]
+pub(crate) struct PeerContext {
+    pub hello: Hello,
+    pub check: HelloCheck,
+    pub codec: FrameCodec,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Starts one outbound connection task per peer.
+pub(crate) fn spawn_outbound(ctx: &PeerContext, peers: &[(NodeId, String)]) -> PeerSenders {
+    let mut senders = BTreeMap::new();
+    for (id, addr) in peers {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.insert(id.clone(), tx);
+        tokio::spawn(outbound(ctx.clone(), id.clone(), addr.clone(), rx));
+    }
+    PeerSenders { senders }
+}
+
+async fn outbound(
+    mut ctx: PeerContext,
+    peer: NodeId,
+    addr: String,
+    mut rx: mpsc::UnboundedReceiver<PeerMessage>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut reported_down = false;
+    loop {
+        if *ctx.shutdown.borrow() {
+            return;
+        }
+        match connect_and_greet(&ctx, &peer, &addr).await {
+            Ok((stream, theirs)) => {
+                backoff = BACKOFF_MIN;
+                reported_down = false;
+                tracing::info!(peer = %peer, %addr, "connected to peer");
+                let _ = ctx.events.send(Event::PeerReachable {
+                    peer: peer.clone(),
+                    up: true,
+                    client_addr: Some(theirs.client_addr),
+                    http_addr: Some(theirs.http_addr),
+                });
+                // Messages queued while disconnected are stale; the core has
+                // timed them out or will.
+                while rx.try_recv().is_ok() {}
+                match pump(&mut ctx, stream, &mut rx).await {
+                    PumpEnd::Shutdown | PumpEnd::Closed => return,
+                    PumpEnd::Failed(e) => {
+                        tracing::warn!(peer = %peer, error = %e, "peer connection lost");
+                    }
+                }
+            }
+            Err(e) => {
+                if !reported_down {
+                    tracing::warn!(peer = %peer, %addr, error = %e, "cannot reach peer; retrying");
+                }
+            }
+        }
+        if !reported_down {
+            reported_down = true;
+            let _ = ctx.events.send(Event::PeerReachable {
+                peer: peer.clone(),
+                up: false,
+                client_addr: None,
+                http_addr: None,
+            });
+        }
+        // Drop what piles up while the peer is away, then wait out the backoff.
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                biased;
+                _ = ctx.shutdown.changed() => return,
+                _ = tokio::time::sleep_until(until) => break,
+                msg = rx.recv() => if msg.is_none() { return },
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+enum PumpEnd {
+    Shutdown,
+    Closed,
+    Failed(String),
+}
+
+async fn pump(
+    ctx: &mut PeerContext,
+    mut stream: TcpStream,
+    rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+) -> PumpEnd {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = ctx.shutdown.changed() => return PumpEnd::Shutdown,
+            msg = rx.recv() => match msg {
+                Some(m) => m,
+                None => return PumpEnd::Closed,
+            },
+        };
+        buf.clear();
+        let mut count = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            if let Err(e) = ctx.codec.encode_into(&msg, &mut buf) {
+                tracing::error!(error = %e, "dropping a message that cannot be framed");
+            }
+            count += 1;
+            next = if count < MAX_BATCH { rx.try_recv().ok() } else { None };
+        }
+        if let Err(e) = write_all_flush(&mut stream, &buf).await {
+            return PumpEnd::Failed(e.to_string());
+        }
+    }
+}
+
+async fn write_all_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<()> {
+    w.write_all(buf).await?;
+    w.flush().await
+}
+
+async fn connect_and_greet(
+    ctx: &PeerContext,
+    peer: &NodeId,
+    addr: &str,
+) -> Result<(TcpStream, Hello), String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let frame = ctx
+        .codec
+        .encode(&PeerMessage::Hello(ctx.hello.clone()))
+        .map_err(|e| e.to_string())?;
+    write_all_flush(&mut stream, &frame)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let reply = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf))
+        .await
+        .map_err(|_| "no greeting from the peer".to_string())?
+        .map_err(|e| e.to_string())?;
+    match reply {
+        Some(PeerMessage::Hello(theirs)) => {
+            if &theirs.node != peer {
+                return Err(format!("{addr} answered as {}, expected {peer}", theirs.node));
+            }
+            ctx.check.check(&theirs)?;
+            Ok((stream, theirs))
+        }
+        Some(PeerMessage::HelloRejected { reason }) => Err(format!("refused us: {reason}")),
+        Some(other) => Err(format!("expected a greeting, got {other:?}")),
+        None => Err("closed before greeting".into()),
+    }
+}
+
+/// Reads one frame, keeping leftover bytes in `buf`. `Ok(None)` on a clean close.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    codec: &FrameCodec,
+    buf: &mut Vec<u8>,
+) -> Result<Option<PeerMessage>, ReadError> {
+    loop {
+        if let Some((msg, used)) = codec.decode::<PeerMessage>(buf)? {
+            buf.drain(..used);
+            return Ok(Some(msg));
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        let n = r.read(&mut chunk).await?;
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ReadError::Frame(FrameError::Truncated {
+                    have: buf.len(),
+                    need: buf.len() + 1,
+                }))
+            };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Accepts peer connections until `stop_accepting`; accepted connections run
+/// until the peer transport stops.
+pub(crate) async fn accept_loop(
+    ctx: PeerContext,
+    listener: TcpListener,
+    mut stop_accepting: watch::Receiver<bool>,
+) {
+    let shutdown = &mut stop_accepting;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, from)) => {
+                    tokio::spawn(inbound(ctx.clone(), stream, from.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                }
+            },
+        }
+    }
+}
+
+async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let greeting = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf)).await;
+    let peer = match greeting {
+        Ok(Ok(Some(PeerMessage::Hello(hello)))) => match ctx.check.check(&hello) {
+            Ok(()) => hello.node,
+            Err(reason) => {
+                tracing::warn!(%from, %reason, "refused a peer");
+                reject(&ctx, &mut stream, reason).await;
+                return;
+            }
+        },
+        Ok(Ok(Some(other))) => {
+            let reason = format!("the first frame must be a Hello, got {}", kind(&other));
+            tracing::warn!(%from, %reason, "refused a peer");
+            reject(&ctx, &mut stream, reason).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(%from, error = %e, "garbage on the peer port; connection closed");
+            reject(&ctx, &mut stream, format!("malformed frame: {e}")).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%from, "no greeting within {HELLO_TIMEOUT:?}; connection closed");
+            return;
+        }
+    };
+    let ours = match ctx.codec.encode(&PeerMessage::Hello(ctx.hello.clone())) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode our greeting");
+            return;
+        }
+    };
+    if write_all_flush(&mut stream, &ours).await.is_err() {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = ctx.shutdown.changed() => return,
+            frame = read_frame(&mut stream, &ctx.codec, &mut buf) => frame,
+        };
+        match frame {
+            Ok(Some(msg)) => {
+                if ctx.events.send(Event::Peer { from: peer.clone(), msg }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(peer = %peer, error = %e, "malformed frame from a peer; connection closed");
+                return;
+            }
+        }
+    }
+}
+
+async fn reject(ctx: &PeerContext, stream: &mut TcpStream, reason: String) {
+    if let Ok(frame) = ctx.codec.encode(&PeerMessage::HelloRejected { reason }) {
+        let _ = write_all_flush(stream, &frame).await;
+    }
+}
+
+fn kind(msg: &PeerMessage) -> &'static str {
+    match msg {
+        PeerMessage::Hello(_) => "Hello",
+        PeerMessage::HelloRejected { .. } => "HelloRejected",
+        PeerMessage::Replicate { .. } => "Replicate",
+        PeerMessage::ReplicateAck { .. } => "ReplicateAck",
+        PeerMessage::Read { .. } => "Read",
+        PeerMessage::ReadReply { .. } => "ReadReply",
+        PeerMessage::Repair { .. } => "Repair",
+        PeerMessage::Forward { .. } => "Forward",
+        PeerMessage::ForwardReply { .. } => "ForwardReply",
+    }
+}

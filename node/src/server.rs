@@ -1,0 +1,88 @@
+//! `dynamo server`: the production process. It resolves the configuration, opens
+//! the fjall store, starts the runtime and the HTTP front end, and shuts all of
+//! it down gracefully on SIGINT or SIGTERM. Nothing here runs in the simulator.
+
+use crate::config::{ServerArgs, ServerConfig};
+use crate::runtime::{self, Clock, Environment};
+use crate::storage::FjallStorage;
+use anyhow::Context as _;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+/// Runs a node until a signal asks it to stop; returns once everything is synced.
+pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::resolve(args)?;
+    tracing::info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "starting dynamo node {}",
+        config.node_id
+    );
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!("creating the data directory {}", config.data_dir.display())
+    })?;
+    let storage = FjallStorage::open(&config.data_dir)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let http_listener = match &config.http_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP address {addr} (--http-addr)"))?,
+        ),
+        None => None,
+    };
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr()?.to_string()),
+        None => None,
+    };
+    let node = runtime::start(
+        &config,
+        Environment {
+            storage: Arc::new(storage),
+            clock: Clock::system(),
+            rng: rand_chacha::ChaCha8Rng::from_entropy(),
+            http_addr: http_addr.clone(),
+        },
+    )
+    .await?;
+    let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = http_listener.map(|listener| {
+        let handle = node.handle.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_http_rx.await;
+            };
+            if let Err(e) = crate::http::serve(listener, handle, stop).await {
+                tracing::error!(error = %e, "the HTTP server failed");
+            }
+        })
+    });
+    tracing::info!(
+        node = %config.node_id,
+        actor = %node.actor,
+        peer = %node.peer_addr,
+        client = %node.client_addr,
+        http = http_addr.as_deref().unwrap_or("off"),
+        "ready"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new requests; finishing in-flight ones");
+    let _ = stop_http_tx.send(());
+    node.shutdown().await?;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        biased;
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! The group-commit worker: one task that applies the core's `Persist` requests to
+//! a [`Storage`] in batches and reports which of them are durable (or failed).
+//!
+//! It owns batching and the timing of syncs under the [`SyncPolicy`]; it must never
+//! hold protocol logic, and it never reports a request as persisted unless its write
+//! was applied (and, under `Always`, synced). Under `Always` every request queued
+//! while a sync runs joins the next batch, so a burst of concurrent writes shares
+//! one fsync (fjall does not merge concurrent callers' syncs; this worker does).
+//!
+//! It is a tokio task, not an OS thread, so that it runs inside the madsim
+//! simulator, which replaces `tokio::spawn` and `tokio::time`. In production the
+//! blocking write and fsync run on tokio's blocking pool (`spawn_blocking`); in the
+//! simulator they run inline, where the memory engine does not block.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamo_proto::DvvSet;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Storage, StorageError, SyncPolicy, WriteOp};
+
+/// At most this many requests go into one batch, so that one batch's write stays
+/// short and its acknowledgements are not held back by an endless queue.
+const MAX_BATCH_REQUESTS: usize = 4096;
+
+/// Store `set` under `key` in `partition`; report `id` once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistRequest {
+    pub id: u64,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub set: DvvSet,
+}
+
+impl From<dynamo_core::PersistRequest> for PersistRequest {
+    fn from(r: dynamo_core::PersistRequest) -> Self {
+        PersistRequest {
+            id: r.id,
+            partition: r.partition,
+            key: r.key,
+            set: r.set,
+        }
+    }
+}
+
+/// The outcome of a batch: with `error == None` every id in `ids` is persisted
+/// under the sync policy and may be acknowledged; with an error none of them may
+/// be (the write may or may not have been applied).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Persisted {
+    pub ids: Vec<u64>,
+    pub error: Option<String>,
+}
+
+enum Command {
+    Persist(PersistRequest),
+    /// Apply and sync everything queued before, then answer.
+    Flush(oneshot::Sender<Result<(), StorageError>>),
+    /// As `Flush`, then stop the worker.
+    Shutdown(oneshot::Sender<Result<(), StorageError>>),
+}
+
+/// The handle to a running storage worker. Cloning it gives another handle to the
+/// same worker; the worker stops on [`StorageWorker::shutdown`] or once every
+/// handle is dropped (after applying what was queued).
+#[derive(Clone)]
+pub struct StorageWorker {
+    commands: mpsc::UnboundedSender<Command>,
+    /// Reports requests submitted after the worker stopped as failed.
+    persisted: mpsc::UnboundedSender<Persisted>,
+}
+
+/// Starts the worker as a tokio task. Outcomes arrive on the returned receiver in
+/// the order the batches completed.
+pub fn spawn_storage_worker(
+    storage: Arc<dyn Storage>,
+    policy: SyncPolicy,
+) -> (StorageWorker, mpsc::UnboundedReceiver<Persisted>) {
+    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let (persisted, persisted_rx) = mpsc::unbounded_channel();
+    let worker = Worker {
+        storage,
+        policy,
+        commands: commands_rx,
+        persisted: persisted.clone(),
+        dirty: false,
+    };
+    tokio::spawn(worker.run());
+    (
+        StorageWorker {
+            commands,
+            persisted,
+        },
+        persisted_rx,
+    )
+}
+
+impl StorageWorker {
+    /// Queues a write. Its id is reported on the `Persisted` channel once the write
+    /// is persisted, or with an error if it failed (including when the worker has
+    /// stopped).
+    pub fn submit(&self, request: PersistRequest) {
+        if let Err(mpsc::error::SendError(Command::Persist(request))) =
+            self.commands.send(Command::Persist(request))
+        {
+            tracing::warn!(
+                id = request.id,
+                "write submitted after the storage worker stopped"
+            );
+            // The receiver may be gone too; then no one waits for the outcome.
+            let _ = self.persisted.send(Persisted {
+                ids: vec![request.id],
+                error: Some(StorageError::WorkerStopped.to_string()),
+            });
+        }
+    }
+
+    /// Applies and syncs every write submitted before this call, whatever the
+    /// policy. Their outcomes are on the `Persisted` channel when this returns.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(tx))
+            .map_err(|_| StorageError::WorkerStopped)?;
+        rx.await.map_err(|_| StorageError::WorkerStopped)?
+    }
+
+    /// Flushes as [`StorageWorker::flush`] does, then stops the worker (graceful
+    /// shutdown). Writes submitted later are reported as failed.
+    pub async fn shutdown(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Shutdown(tx))
+            .map_err(|_| StorageError::WorkerStopped)?;
+        rx.await.map_err(|_| StorageError::WorkerStopped)?
+    }
+}
+
+struct Worker {
+    storage: Arc<dyn Storage>,
+    policy: SyncPolicy,
+    commands: mpsc::UnboundedReceiver<Command>,
+    persisted: mpsc::UnboundedSender<Persisted>,
+    /// Writes were applied since the last successful sync.
+    dirty: bool,
+}
+
+/// What one turn of the worker drained from its queue.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<u64>,
+    writes: Vec<WriteOp>,
+    waiters: Vec<oneshot::Sender<Result<(), StorageError>>>,
+    shutdown: bool,
+}
+
+impl Batch {
+    fn add(&mut self, command: Command) {
+        match command {
+            Command::Persist(r) => {
+                self.ids.push(r.id);
+                self.writes.push(WriteOp {
+                    partition: r.partition,
+                    key: r.key,
+                    set: Some(r.set),
+                });
+            }
+            Command::Flush(waiter) => self.waiters.push(waiter),
+            Command::Shutdown(waiter) => {
+                self.waiters.push(waiter);
+                self.shutdown = true;
+            }
+        }
+    }
+
+    /// A flush or shutdown asks for a sync; stop draining there so that it
+    /// answers as soon as what was queued before it is durable.
+    fn wants_sync(&self) -> bool {
+        !self.waiters.is_empty()
+    }
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut ticker = match self.policy {
+            SyncPolicy::Interval { ms } => {
+                let mut ticker = tokio::time::interval(Duration::from_millis(ms.max(1)));
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                Some(ticker)
+            }
+            SyncPolicy::Always | SyncPolicy::None => None,
+        };
+        loop {
+            let first = match ticker.as_mut() {
+                Some(ticker) => {
+                    tokio::select! {
+                        // The tick comes first: it is ready once per interval, so it
+                        // cannot starve the queue, while a busy queue could starve it.
+                        biased;
+                        _ = ticker.tick() => {
+                            self.sync_if_dirty().await;
+                            continue;
+                        }
+                        command = self.commands.recv() => command,
+                    }
+                }
+                None => self.commands.recv().await,
+            };
+            let Some(first) = first else {
+                // Every handle is gone: make what was applied durable and stop.
+                self.sync_if_dirty().await;
+                return;
+            };
+            let mut batch = Batch::default();
+            batch.add(first);
+            while batch.ids.len() < MAX_BATCH_REQUESTS && !batch.wants_sync() {
+                match self.commands.try_recv() {
+                    Ok(command) => batch.add(command),
+                    Err(_) => break,
+                }
+            }
+            if self.commit(batch).await {
+                return;
+            }
+        }
+    }
+
+    /// Applies one batch, syncs it if the policy or a waiter asks, reports the
+    /// outcome and answers the waiters. Returns whether to stop.
+    async fn commit(&mut self, batch: Batch) -> bool {
+        let Batch {
+            ids,
+            writes,
+            waiters,
+            shutdown,
+        } = batch;
+        let sync = self.policy == SyncPolicy::Always || !waiters.is_empty();
+        if !writes.is_empty() {
+            self.dirty = true;
+        }
+        let result = if writes.is_empty() && !sync {
+            Ok(())
+        } else {
+            apply(&self.storage, writes, sync).await
+        };
+        if sync && result.is_ok() {
+            self.dirty = false;
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, requests = ids.len(), "storage batch failed");
+        }
+        if !ids.is_empty() {
+            // The receiver may be gone (the node is stopping); nothing waits then.
+            let _ = self.persisted.send(Persisted {
+                ids,
+                error: result.as_ref().err().map(ToString::to_string),
+            });
+        }
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+        shutdown
+    }
+
+    async fn sync_if_dirty(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match apply(&self.storage, Vec::new(), true).await {
+            Ok(()) => self.dirty = false,
+            // The writes were acknowledged already (that is what `Interval` trades);
+            // fjall poisons itself on a failed fsync, so later writes fail and are
+            // reported.
+            Err(e) => tracing::error!(error = %e, "periodic storage sync failed"),
+        }
+    }
+}
+
+/// Writes `writes` as one batch, then syncs if `sync`.
+#[cfg(not(madsim))]
+async fn apply(
+    storage: &Arc<dyn Storage>,
+    writes: Vec<WriteOp>,
+    sync: bool,
+) -> Result<(), StorageError> {
+    let storage = Arc::clone(storage);
+    tokio::task::spawn_blocking(move || apply_blocking(&*storage, &writes, sync))
+        .await
+        .map_err(|e| StorageError::io("write", format!("the storage task failed: {e}")))?
+}
+
+/// Writes `writes` as one batch, then syncs if `sync`. The simulator has no
+/// blocking pool (and no OS threads); its memory engine never blocks.
+#[cfg(madsim)]
+async fn apply(
+    storage: &Arc<dyn Storage>,
+    writes: Vec<WriteOp>,
+    sync: bool,
+) -> Result<(), StorageError> {
+    apply_blocking(&**storage, &writes, sync)
+}
+
+fn apply_blocking(
+    storage: &dyn Storage,
+    writes: &[WriteOp],
+    sync: bool,
+) -> Result<(), StorageError> {
+    if !writes.is_empty() {
+        storage.write_batch(writes)?;
+    }
+    if sync {
+        storage.sync()?;
+    }
+    Ok(())
+}

@@ -41,6 +41,7 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
             clock: Clock::system(),
             rng: rand_chacha::ChaCha8Rng::from_entropy(),
             http_addr: http_addr.clone(),
+            trace: None,
         },
     )
     .await?;

@@ -27,6 +27,7 @@ pub(crate) struct CoreTask {
     pub peers: PeerSenders,
     pub storage: StorageWorker,
     pub shutdown: watch::Receiver<bool>,
+    pub trace: Option<super::PeerTrace>,
 }
 
 impl CoreTask {
@@ -72,7 +73,12 @@ impl CoreTask {
                             waiting.insert(id, reply);
                             self.node.handle_client(now, FRONT_END, ClientEnvelope { id, request });
                         }
-                        Event::Peer { from, msg } => self.node.handle_peer(now, &from, msg),
+                        Event::Peer { from, msg } => {
+                            if let Some(trace) = &self.trace {
+                                trace(&from, self.node.id(), &msg);
+                            }
+                            self.node.handle_peer(now, &from, msg);
+                        }
                         Event::PeerReachable { peer, up, client_addr, http_addr } => {
                             if let (Some(c), Some(h)) = (&client_addr, &http_addr) {
                                 self.node.learn_addresses(&peer, c, h);

@@ -51,7 +51,13 @@ pub struct Environment {
     pub clock: Clock,
     pub rng: rand_chacha::ChaCha8Rng,
     pub http_addr: Option<String>,
+    /// Called with every peer message this node's core receives, in the order it
+    /// receives them (the simulator hashes them into its trace).
+    pub trace: Option<PeerTrace>,
 }
+
+/// Observer of delivered peer messages: `(from, to, message)`.
+pub type PeerTrace = Arc<dyn Fn(&NodeId, &NodeId, &dynamo_proto::PeerMessage) + Send + Sync>;
 
 /// Opens the node's identity, binds its listeners and starts every task.
 pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Result<RunningNode> {
@@ -141,6 +147,7 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
             peers: senders,
             storage: storage.clone(),
             shutdown: shutdown_rx,
+            trace: env.trace,
         }
         .run(),
     );

@@ -100,7 +100,7 @@ impl CoreTask {
                             let _ = tx.send(reply);
                         }
                     }
-                    Output::Persist(request) => self.storage.submit(request.into()),
+                    Output::Persist(request) => self.storage.submit(request),
                 }
             }
         }

@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamo_proto::DvvSet;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Storage, StorageError, SyncPolicy, WriteOp};
@@ -24,25 +23,9 @@ use super::{Storage, StorageError, SyncPolicy, WriteOp};
 /// short and its acknowledgements are not held back by an endless queue.
 const MAX_BATCH_REQUESTS: usize = 4096;
 
-/// Store `set` under `key` in `partition`; report `id` once durable.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PersistRequest {
-    pub id: u64,
-    pub partition: u32,
-    pub key: Vec<u8>,
-    pub set: DvvSet,
-}
-
-impl From<dynamo_core::PersistRequest> for PersistRequest {
-    fn from(r: dynamo_core::PersistRequest) -> Self {
-        PersistRequest {
-            id: r.id,
-            partition: r.partition,
-            key: r.key,
-            set: r.set,
-        }
-    }
-}
+/// The core's write request: store `set` under `key` in `partition`, report
+/// `id` once durable.
+pub use dynamo_core::PersistRequest;
 
 /// The outcome of a batch: with `error == None` every id in `ids` is persisted
 /// under the sync policy and may be acknowledged; with an error none of them may

@@ -198,4 +198,8 @@ pub enum PeerMessage {
     /// a primary, which coordinates it and answers with `ForwardReply`.
     Forward { req: u64, request: ClientRequest },
     ForwardReply { req: u64, reply: ClientReply },
+    /// Transport keepalive on an outbound connection; the receiver answers with
+    /// `Pong` on the same connection. A connection whose pongs stop is replaced.
+    Ping { seq: u64 },
+    Pong { seq: u64 },
 }

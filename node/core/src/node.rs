@@ -358,7 +358,11 @@ impl Node {
             return;
         }
         match msg {
-            PeerMessage::Hello(_) | PeerMessage::HelloRejected { .. } => {}
+            // Handshakes and keepalives belong to the transport.
+            PeerMessage::Hello(_)
+            | PeerMessage::HelloRejected { .. }
+            | PeerMessage::Ping { .. }
+            | PeerMessage::Pong { .. } => {}
             PeerMessage::Replicate { req, key, set } => {
                 self.hlc_observe(&set);
                 let waiter = PersistWaiter::ReplicaAck {

@@ -26,6 +26,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Messages written per flush at most, so one busy peer cannot starve the others.
 const MAX_BATCH: usize = 256;
+/// How often an outbound connection proves it still moves traffic.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long an outbound connection may go without any answer before it is
+/// declared stuck and replaced.
+const STALL_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// The senders for every peer's outbound connection task.
 #[derive(Clone, Default)]
@@ -133,16 +138,63 @@ enum PumpEnd {
     Failed(String),
 }
 
+/// Writes queued messages to the peer, and keeps the connection honest: a
+/// `Ping` every [`HEARTBEAT`], answered by a `Pong` on the same connection. A
+/// connection that answers nothing for [`STALL_TIMEOUT`] is stuck (a TCP
+/// connection can sit in retransmission backoff long after a partition heals)
+/// and is replaced by a fresh one.
 async fn pump(
     ctx: &mut PeerContext,
-    mut stream: TcpStream,
+    stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
 ) -> PumpEnd {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
+    let codec = ctx.codec;
+    let reader_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        // Anything the peer sends back on this connection counts as a sign of life.
+        while let Ok(Some(_)) = read_frame(&mut reader, &codec, &mut buf).await {
+            if pong_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let end = pump_loop(ctx, &mut writer, rx, &mut pong_rx).await;
+    reader_task.abort();
+    end
+}
+
+async fn pump_loop<W: AsyncWrite + Unpin>(
+    ctx: &mut PeerContext,
+    writer: &mut W,
+    rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+    pongs: &mut mpsc::UnboundedReceiver<()>,
+) -> PumpEnd {
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut last_sign_of_life = tokio::time::Instant::now();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut seq = 0u64;
     loop {
         let first = tokio::select! {
             biased;
             _ = ctx.shutdown.changed() => return PumpEnd::Shutdown,
+            pong = pongs.recv() => {
+                if pong.is_none() {
+                    return PumpEnd::Failed("the peer closed the connection".into());
+                }
+                last_sign_of_life = tokio::time::Instant::now();
+                continue;
+            }
+            _ = heartbeat.tick() => {
+                if last_sign_of_life.elapsed() > STALL_TIMEOUT {
+                    return PumpEnd::Failed(format!(
+                        "no answer for {STALL_TIMEOUT:?}; the connection looks stuck"
+                    ));
+                }
+                seq += 1;
+                PeerMessage::Ping { seq }
+            }
             msg = rx.recv() => match msg {
                 Some(m) => m,
                 None => return PumpEnd::Closed,
@@ -158,7 +210,7 @@ async fn pump(
             count += 1;
             next = if count < MAX_BATCH { rx.try_recv().ok() } else { None };
         }
-        if let Err(e) = write_all_flush(&mut stream, &buf).await {
+        if let Err(e) = write_all_flush(writer, &buf).await {
             return PumpEnd::Failed(e.to_string());
         }
     }
@@ -312,6 +364,15 @@ async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
             frame = read_frame(&mut stream, &ctx.codec, &mut buf) => frame,
         };
         match frame {
+            Ok(Some(PeerMessage::Ping { seq })) => {
+                let pong = match ctx.codec.encode(&PeerMessage::Pong { seq }) {
+                    Ok(frame) => frame,
+                    Err(_) => return,
+                };
+                if write_all_flush(&mut stream, &pong).await.is_err() {
+                    return;
+                }
+            }
             Ok(Some(msg)) => {
                 if ctx.events.send(Event::Peer { from: peer.clone(), msg }).is_err() {
                     return;
@@ -343,5 +404,7 @@ fn kind(msg: &PeerMessage) -> &'static str {
         PeerMessage::Repair { .. } => "Repair",
         PeerMessage::Forward { .. } => "Forward",
         PeerMessage::ForwardReply { .. } => "ForwardReply",
+        PeerMessage::Ping { .. } => "Ping",
+        PeerMessage::Pong { .. } => "Pong",
     }
 }

@@ -64,6 +64,13 @@ pub enum ClientIoError {
     ConnectTimeout { addr: String, ms: u64 },
     #[error("{addr} did not answer within {ms} ms")]
     Timeout { addr: String, ms: u64 },
+    /// Writing the request failed: no whole frame reached the server, so the
+    /// request was not applied.
+    #[error("sending to {addr} failed: {source}")]
+    Send {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connection to {addr} failed: {source}")]
     Io {
         addr: String,
@@ -85,6 +92,7 @@ impl ClientIoError {
             self,
             ClientIoError::Connect { .. }
                 | ClientIoError::ConnectTimeout { .. }
+                | ClientIoError::Send { .. }
                 | ClientIoError::Encode(_)
         )
     }
@@ -255,15 +263,19 @@ impl Connection {
             addr: addr.to_string(),
             source,
         };
+        let send_err = |addr: &str, source| ClientIoError::Send {
+            addr: addr.to_string(),
+            source,
+        };
         self.stream
             .write_all(&self.write_buf)
             .await
-            .map_err(|e| io_err(&self.addr, e))?;
+            .map_err(|e| send_err(&self.addr, e))?;
         // madsim's TcpStream sends nothing until flushed.
         self.stream
             .flush()
             .await
-            .map_err(|e| io_err(&self.addr, e))?;
+            .map_err(|e| send_err(&self.addr, e))?;
         loop {
             let decoded = self
                 .codec

@@ -62,7 +62,11 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { exit::USAGE } else { exit::PASS };
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::PASS
+            };
         }
     };
     match cli.command {
@@ -96,7 +100,8 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Scenario> {
     Scenario::parse(&text).map_err(|e| {
         anyhow::anyhow!(
             "scenario {}: {e:#}",
-            path.map(|p| p.display().to_string()).unwrap_or("default".into())
+            path.map(|p| p.display().to_string())
+                .unwrap_or("default".into())
         )
     })
 }
@@ -126,12 +131,12 @@ fn run_seed(seed: u64, path: Option<&PathBuf>, quiet: bool, log: &str) -> i32 {
         println!("# the resolved scenario (save it to replay this exact run):");
         println!("{}", scenario.to_toml());
     }
-    let limit = Duration::from_millis(
-        scenario.workload.duration.0 + scenario.liveness.quiesce.0 + 120_000,
-    );
+    let limit =
+        Duration::from_millis(scenario.workload.duration.0 + scenario.liveness.quiesce.0 + 120_000);
     let wall = std::time::Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+        let mut rt =
+            madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
         rt.set_time_limit(limit);
         rt.block_on(run::run(scenario.clone(), seed))
     }));
@@ -197,7 +202,8 @@ fn child_run(seed: u64, scenario: Option<&PathBuf>) -> (i32, String) {
 }
 
 fn trace_of(line: &str) -> Option<&str> {
-    line.rsplit_once("trace ").map(|(_, h)| h.trim_end_matches(')'))
+    line.rsplit_once("trace ")
+        .map(|(_, h)| h.trim_end_matches(')'))
 }
 
 fn determinism(seed: u64, scenario: Option<&PathBuf>) -> i32 {
@@ -212,7 +218,10 @@ fn determinism(seed: u64, scenario: Option<&PathBuf>) -> i32 {
         }
         _ => {
             println!("NONDETERMINISM: the same seed gave different runs");
-            println!("replay: {} (with --check-determinism)", replay_line(seed, scenario));
+            println!(
+                "replay: {} (with --check-determinism)",
+                replay_line(seed, scenario)
+            );
             exit::NONDETERMINISM
         }
     }
@@ -238,7 +247,12 @@ fn scenario_files() -> Vec<PathBuf> {
     files
 }
 
-fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_seeds: usize) -> i32 {
+fn sweep(
+    seeds: &str,
+    scenarios: Vec<PathBuf>,
+    jobs: Option<usize>,
+    determinism_seeds: usize,
+) -> i32 {
     let range = match parse_range(seeds) {
         Ok(r) => r,
         Err(e) => {
@@ -246,7 +260,11 @@ fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_
             return exit::USAGE;
         }
     };
-    let scenarios = if scenarios.is_empty() { scenario_files() } else { scenarios };
+    let scenarios = if scenarios.is_empty() {
+        scenario_files()
+    } else {
+        scenarios
+    };
     for s in &scenarios {
         if let Err(e) = load(Some(s)) {
             eprintln!("error: {e:#}");
@@ -254,7 +272,11 @@ fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_
         }
     }
     let jobs = jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
         .max(1);
     let mut work: Vec<(PathBuf, u64, bool)> = Vec::new();
     for s in &scenarios {
@@ -269,7 +291,7 @@ fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_
     );
     let started = std::time::Instant::now();
     let queue = Arc::new(Mutex::new(work));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<(i32, String)>::new()));
     let done = Arc::new(Mutex::new(0usize));
     let workers: Vec<_> = (0..jobs)
         .map(|_| {
@@ -296,9 +318,13 @@ fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_
                         replay_line(seed, Some(&scenario))
                     );
                     println!("{msg}");
-                    failures.lock().unwrap().push(msg);
-                } else if *n % 25 == 0 || *n == total {
-                    println!("  {}/{total} runs done, {:.0}s", *n, started.elapsed().as_secs_f64());
+                    failures.lock().unwrap().push((code, msg));
+                } else if n.is_multiple_of(25) || *n == total {
+                    println!(
+                        "  {}/{total} runs done, {:.0}s",
+                        *n,
+                        started.elapsed().as_secs_f64()
+                    );
                 }
             })
         })
@@ -314,14 +340,25 @@ fn sweep(seeds: &str, scenarios: Vec<PathBuf>, jobs: Option<usize>, determinism_
     );
     if !failures.is_empty() {
         println!("failing runs:");
-        for f in failures.iter() {
+        for (_, f) in failures.iter() {
             println!("{f}");
         }
     }
-    println!("sim: {} passed, {} failed", total - failures.len(), failures.len());
-    if failures.is_empty() {
-        exit::PASS
-    } else {
-        exit::SAFETY
-    }
+    println!(
+        "sim: {} passed, {} failed",
+        total - failures.len(),
+        failures.len()
+    );
+    // The most severe failure decides the exit code.
+    [
+        exit::SAFETY,
+        exit::PANIC,
+        exit::NONDETERMINISM,
+        exit::LIVENESS,
+        exit::USAGE,
+    ]
+    .into_iter()
+    .find(|code| failures.iter().any(|(c, _)| c == code))
+    .or_else(|| failures.first().map(|(c, _)| *c))
+    .unwrap_or(exit::PASS)
 }

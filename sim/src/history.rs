@@ -82,7 +82,12 @@ impl Op {
         self.kind.is_write()
             && matches!(
                 self.outcome,
-                Outcome::Pending | Outcome::TimedOut | Outcome::Failed { definite: false, .. }
+                Outcome::Pending
+                    | Outcome::TimedOut
+                    | Outcome::Failed {
+                        definite: false,
+                        ..
+                    }
             )
     }
 }

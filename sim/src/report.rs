@@ -55,7 +55,11 @@ pub fn render(result: &RunResult, wall: Option<Duration>) -> String {
     let failed = count(&|o| matches!(o, Outcome::Failed { .. }));
     let timed_out = count(&|o| matches!(o, Outcome::TimedOut | Outcome::Pending));
     let writes = ops.iter().filter(|o| o.kind.is_write()).count();
-    let _ = writeln!(out, "== report: scenario {} seed {} ==", result.scenario.name, result.seed);
+    let _ = writeln!(
+        out,
+        "== report: scenario {} seed {} ==",
+        result.scenario.name, result.seed
+    );
     let sim_s = result.sim_ms as f64 / 1000.0;
     match wall {
         Some(wall) => {

@@ -15,7 +15,7 @@ pub struct Millis(pub u64);
 
 impl Serialize for Millis {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             s.serialize_str(&format!("{}s", self.0 / 1000))
         } else {
             s.serialize_str(&format!("{}ms", self.0))
@@ -33,7 +33,9 @@ impl<'de> Deserialize<'de> for Millis {
         }
         match Raw::deserialize(d)? {
             Raw::Number(ms) => Ok(Millis(ms)),
-            Raw::Text(t) => parse_duration(&t).map(Millis).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t)
+                .map(Millis)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -44,14 +46,18 @@ fn parse_duration(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map(|i| t.split_at(i))
         .unwrap_or((t, "ms"));
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("duration {text:?}: expected a number and a unit, like 5s or 250ms"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("duration {text:?}: expected a number and a unit, like 5s or 250ms")
+    })?;
     let scale = match unit.trim() {
         "ms" => 1.0,
         "s" => 1000.0,
         "m" => 60_000.0,
-        other => return Err(format!("duration {text:?}: unknown unit {other:?} (use ms, s or m)")),
+        other => {
+            return Err(format!(
+                "duration {text:?}: unknown unit {other:?} (use ms, s or m)"
+            ))
+        }
     };
     Ok((value * scale).round() as u64)
 }
@@ -203,19 +209,34 @@ pub struct Step {
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// Kill the node; its unsynced writes are lost (see `[disk]`).
-    Crash { node: String },
+    Crash {
+        node: String,
+    },
     /// Start a crashed node again from its disk.
-    Restart { node: String },
+    Restart {
+        node: String,
+    },
     /// Freeze the node (its tasks stop; its sockets stay open).
-    Pause { node: String },
-    Resume { node: String },
+    Pause {
+        node: String,
+    },
+    Resume {
+        node: String,
+    },
     /// Cut the cluster (clients included, each with its node of the same
     /// index) into groups that cannot reach each other.
-    Partition { groups: Vec<Vec<String>> },
+    Partition {
+        groups: Vec<Vec<String>>,
+    },
     /// Traffic from every node in `from` to every node in `to` is dropped.
-    OneWay { from: Vec<String>, to: Vec<String> },
+    OneWay {
+        from: Vec<String>,
+        to: Vec<String>,
+    },
     /// Cut `node` off from everyone.
-    Isolate { node: String },
+    Isolate {
+        node: String,
+    },
     /// Two halves that reach each other only through `via`.
     Bridge {
         left: Vec<String>,
@@ -224,13 +245,27 @@ pub enum Action {
     },
     /// Remove every partition and clog.
     Heal,
-    Loss { rate: f64 },
-    Latency { min: Millis, max: Millis },
+    Loss {
+        rate: f64,
+    },
+    Latency {
+        min: Millis,
+        max: Millis,
+    },
     /// Shift the node's clock by `ms` (negative: behind).
-    Skew { node: String, ms: i64 },
-    Join { node: String },
-    Leave { node: String },
-    Remove { node: String },
+    Skew {
+        node: String,
+        ms: i64,
+    },
+    Join {
+        node: String,
+    },
+    Leave {
+        node: String,
+    },
+    Remove {
+        node: String,
+    },
 }
 
 impl Action {
@@ -325,8 +360,14 @@ impl Scenario {
     pub fn validate(&self) -> anyhow::Result<()> {
         let c = &self.cluster;
         anyhow::ensure!(c.nodes >= 1, "[cluster] nodes must be at least 1");
-        anyhow::ensure!(c.n >= 1 && c.r >= 1 && c.w >= 1, "[cluster] n, r and w must be at least 1");
-        anyhow::ensure!(c.r <= c.n && c.w <= c.n, "[cluster] r and w cannot exceed n");
+        anyhow::ensure!(
+            c.n >= 1 && c.r >= 1 && c.w >= 1,
+            "[cluster] n, r and w must be at least 1"
+        );
+        anyhow::ensure!(
+            c.r <= c.n && c.w <= c.n,
+            "[cluster] r and w cannot exceed n"
+        );
         anyhow::ensure!(c.q.is_power_of_two(), "[cluster] q must be a power of two");
         anyhow::ensure!(
             matches!(c.versioning.as_str(), "dvv" | "lww"),
@@ -334,8 +375,14 @@ impl Scenario {
         );
         let w = &self.workload;
         anyhow::ensure!(w.keys >= 1, "[workload] keys must be at least 1");
-        anyhow::ensure!(w.put + w.get + w.delete > 0, "[workload] the op mix is all zero");
-        anyhow::ensure!(w.value_size[0] <= w.value_size[1], "[workload] value_size is [min, max]");
+        anyhow::ensure!(
+            w.put + w.get + w.delete > 0,
+            "[workload] the op mix is all zero"
+        );
+        anyhow::ensure!(
+            w.value_size[0] <= w.value_size[1],
+            "[workload] value_size is [min, max]"
+        );
         anyhow::ensure!(
             w.think_time[0] <= w.think_time[1],
             "[workload] think_time is [min, max]"
@@ -344,14 +391,21 @@ impl Scenario {
             self.network.latency[0] <= self.network.latency[1] && self.network.latency[0].0 >= 1,
             "[network] latency is [min, max] with min at least 1ms"
         );
-        anyhow::ensure!((0.0..1.0).contains(&self.network.loss), "[network] loss is in [0, 1)");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.network.loss),
+            "[network] loss is in [0, 1)"
+        );
         self.disk
             .sync
             .parse::<dynamo_node::storage::SyncPolicy>()
             .map_err(|e| anyhow::anyhow!("[disk] sync: {e}"))?;
         let names = self.node_names();
         let known = |n: &String| -> anyhow::Result<()> {
-            anyhow::ensure!(names.contains(n), "step names unknown node {n:?} (nodes are n1..n{})", c.nodes);
+            anyhow::ensure!(
+                names.contains(n),
+                "step names unknown node {n:?} (nodes are n1..n{})",
+                c.nodes
+            );
             Ok(())
         };
         for step in &self.steps {
@@ -450,12 +504,24 @@ impl Scenario {
                 let node = names[rng.gen_range(0..names.len())].clone();
                 match kinds[rng.gen_range(0..kinds.len())] {
                     "crash" => {
-                        steps.push(Step { at: Millis(at), action: Action::Crash { node: node.clone() } });
-                        steps.push(Step { at: Millis(end), action: Action::Restart { node } });
+                        steps.push(Step {
+                            at: Millis(at),
+                            action: Action::Crash { node: node.clone() },
+                        });
+                        steps.push(Step {
+                            at: Millis(end),
+                            action: Action::Restart { node },
+                        });
                     }
                     "pause" => {
-                        steps.push(Step { at: Millis(at), action: Action::Pause { node: node.clone() } });
-                        steps.push(Step { at: Millis(end), action: Action::Resume { node } });
+                        steps.push(Step {
+                            at: Millis(at),
+                            action: Action::Pause { node: node.clone() },
+                        });
+                        steps.push(Step {
+                            at: Millis(end),
+                            action: Action::Resume { node },
+                        });
                     }
                     "partition" => {
                         let mut shuffled = names.clone();
@@ -465,23 +531,44 @@ impl Scenario {
                         let cut = rng.gen_range(1..shuffled.len().max(2));
                         let (a, b) = shuffled.split_at(cut.min(shuffled.len()));
                         let action = if rng.gen_bool(0.25) {
-                            Action::OneWay { from: a.to_vec(), to: b.to_vec() }
+                            Action::OneWay {
+                                from: a.to_vec(),
+                                to: b.to_vec(),
+                            }
                         } else {
-                            Action::Partition { groups: vec![a.to_vec(), b.to_vec()] }
+                            Action::Partition {
+                                groups: vec![a.to_vec(), b.to_vec()],
+                            }
                         };
-                        steps.push(Step { at: Millis(at), action });
-                        steps.push(Step { at: Millis(end), action: Action::Heal });
+                        steps.push(Step {
+                            at: Millis(at),
+                            action,
+                        });
+                        steps.push(Step {
+                            at: Millis(end),
+                            action: Action::Heal,
+                        });
                     }
                     "loss" => {
-                        let rate = (rng.gen_range(0.0..swarm.max_loss.max(0.001)) * 1000.0).round() / 1000.0;
-                        steps.push(Step { at: Millis(at), action: Action::Loss { rate } });
-                        steps.push(Step { at: Millis(end), action: Action::Loss { rate: 0.0 } });
+                        let rate = (rng.gen_range(0.0..swarm.max_loss.max(0.001)) * 1000.0).round()
+                            / 1000.0;
+                        steps.push(Step {
+                            at: Millis(at),
+                            action: Action::Loss { rate },
+                        });
+                        steps.push(Step {
+                            at: Millis(end),
+                            action: Action::Loss { rate: 0.0 },
+                        });
                     }
                     "latency" => {
                         let max = rng.gen_range(2..=swarm.max_latency.0.max(2));
                         steps.push(Step {
                             at: Millis(at),
-                            action: Action::Latency { min: Millis(1), max: Millis(max) },
+                            action: Action::Latency {
+                                min: Millis(1),
+                                max: Millis(max),
+                            },
                         });
                         steps.push(Step {
                             at: Millis(end),
@@ -494,7 +581,10 @@ impl Scenario {
                     _ => {
                         let max = swarm.max_skew.0 as i64;
                         let ms = rng.gen_range(-max..=max);
-                        steps.push(Step { at: Millis(at), action: Action::Skew { node, ms } });
+                        steps.push(Step {
+                            at: Millis(at),
+                            action: Action::Skew { node, ms },
+                        });
                     }
                 }
             }

@@ -20,6 +20,12 @@ pub struct Shared {
     next_op: Arc<Mutex<u64>>,
 }
 
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
 impl Shared {
     pub fn new() -> Shared {
         Shared {
@@ -88,18 +94,34 @@ impl Sessions {
     }
 
     /// Sends one request; `None` when no answer came (connect failure, I/O
-    /// error or the deadline).
+    /// error or the deadline). A connection opened earlier may have died with a
+    /// node that crashed since; when it fails in a way that proves the request
+    /// was not applied (or the request is a read), the client reconnects and
+    /// tries once more, as a real client would.
     pub async fn call(&mut self, node: usize, request: ClientRequest) -> Option<ClientReply> {
         let deadline = self.deadline;
+        let retry_safe = matches!(request, ClientRequest::Get { .. });
         let attempt = async {
-            if !self.conns.contains_key(&node) {
-                let conn = Connection::connect(&self.addrs[node].1, Duration::from_millis(500))
-                    .await
-                    .ok()?;
-                self.conns.insert(node, conn);
+            for _ in 0..2 {
+                let reused = self.conns.contains_key(&node);
+                if !reused {
+                    let conn = Connection::connect(&self.addrs[node].1, Duration::from_millis(500))
+                        .await
+                        .ok()?;
+                    self.conns.insert(node, conn);
+                }
+                let conn = self.conns.get_mut(&node)?;
+                match conn.call(request.clone()).await {
+                    Ok(reply) => return Some(reply),
+                    Err(e) => {
+                        self.conns.remove(&node);
+                        if !(reused && (retry_safe || e.nothing_sent())) {
+                            return None;
+                        }
+                    }
+                }
             }
-            let conn = self.conns.get_mut(&node)?;
-            conn.call(request).await.ok()
+            None
         };
         match timeout(deadline, attempt).await {
             Ok(Some(reply)) => Some(reply),
@@ -131,7 +153,11 @@ pub async fn client_loop(
         let key = key_name(rng.gen_range(0..w.keys));
         let node = rng.gen_range(0..scenario.cluster.nodes);
         let with_context = rng.gen_bool(w.with_context.clamp(0.0, 1.0));
-        let context = if with_context { contexts.get(&key).cloned() } else { None };
+        let context = if with_context {
+            contexts.get(&key).cloned()
+        } else {
+            None
+        };
         let pick = rng.gen_range(0..total);
         let size = rng.gen_range(w.value_size[0]..=w.value_size[1]);
         let (kind, request) = if pick < w.put {

@@ -156,7 +156,8 @@ impl World {
         let loss = scenario.network.loss;
         net.update_config(|c| {
             c.packet_loss_rate = loss;
-            c.send_latency = Duration::from_millis(latency[0].0)..Duration::from_millis(latency[1].0 + 1);
+            c.send_latency =
+                Duration::from_millis(latency[0].0)..Duration::from_millis(latency[1].0 + 1);
         });
         Ok(World {
             scenario: scenario.clone(),
@@ -274,7 +275,11 @@ impl World {
                 self.clogged_nodes.insert(id);
                 self.partitioned = true;
             }
-            Action::Bridge { left, via: _, right } => {
+            Action::Bridge {
+                left,
+                via: _,
+                right,
+            } => {
                 let (x, y) = (self.hosts_of(left), self.hosts_of(right));
                 self.clog_between(&x, &y, true);
                 self.partitioned = true;
@@ -320,7 +325,8 @@ impl World {
         let latency = self.scenario.network.latency;
         NetSim::current().update_config(|c| {
             c.packet_loss_rate = 0.0;
-            c.send_latency = Duration::from_millis(latency[0].0)..Duration::from_millis(latency[1].0 + 1);
+            c.send_latency =
+                Duration::from_millis(latency[0].0)..Duration::from_millis(latency[1].0 + 1);
         });
         self.loss = 0.0;
         self.latency_max_ms = latency[1].0;
@@ -341,7 +347,8 @@ impl World {
     /// before the state changes.
     fn mark_change(&mut self) {
         let now = self.elapsed_ms();
-        self.windows.push(self.current_window(self.window_start_ms, now));
+        self.windows
+            .push(self.current_window(self.window_start_ms, now));
         self.window_start_ms = now;
     }
 

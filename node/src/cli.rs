@@ -1,5 +1,6 @@
 //! The `dynamo` command line: `server`, the client commands (`get`, `put`,
-//! `delete`, `status`) and `dev` (a local cluster of child processes).
+//! `delete`, `status`), `dev` (a local cluster of child processes) and `bench` (a
+//! load generator, [`crate::bench`]).
 //!
 //! It owns argument parsing, output formats and exit codes; the work is done by
 //! [`crate::server`], [`crate::client`] and [`crate::dev`]. Output that scripts
@@ -55,6 +56,11 @@ pub enum Command {
     /// Start a local cluster of N server processes for development.
     #[cfg(not(madsim))]
     Dev(crate::dev::DevArgs),
+    /// Load-test a cluster: concurrent workers, uniform or zipfian keys, closed
+    /// or open loop; latency percentiles, throughput and errors (writes are
+    /// blind overwrites).
+    #[cfg(not(madsim))]
+    Bench(crate::bench::BenchArgs),
 }
 
 impl Command {
@@ -181,6 +187,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => status(args).await,
         #[cfg(not(madsim))]
         Command::Dev(args) => crate::dev::run(args).await,
+        #[cfg(not(madsim))]
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

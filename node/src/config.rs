@@ -33,6 +33,9 @@ pub struct ServerArgs {
     /// Address for the HTTP API ("off" disables it). [default: 127.0.0.1:8080]
     #[arg(long, env = "DYNAMO_HTTP_ADDR")]
     pub http_addr: Option<String>,
+    /// Address for the Redis protocol (RESP2), e.g. 127.0.0.1:6380. [default: off]
+    #[arg(long, env = "DYNAMO_RESP_ADDR")]
+    pub resp_addr: Option<String>,
     /// Where this node keeps its data. [default: ./data/<node-id>]
     #[arg(long, env = "DYNAMO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -80,6 +83,7 @@ struct FileConfig {
     peer_addr: Option<String>,
     client_addr: Option<String>,
     http_addr: Option<String>,
+    resp_addr: Option<String>,
     data_dir: Option<PathBuf>,
     peers: Option<Vec<String>>,
     n: Option<u8>,
@@ -126,6 +130,8 @@ pub struct ServerConfig {
     pub client_addr: String,
     /// `None` when HTTP is off.
     pub http_addr: Option<String>,
+    /// The Redis-protocol listener; `None` (the default) when it is off.
+    pub resp_addr: Option<String>,
     pub data_dir: PathBuf,
     pub peers: Vec<PeerSpec>,
     pub n: u8,
@@ -188,6 +194,10 @@ impl ServerConfig {
             "" | "off" | "none" => None,
             _ => Some(http_addr),
         };
+        let resp_addr = match args.resp_addr.clone().or(file.resp_addr) {
+            Some(a) if !matches!(a.as_str(), "" | "off" | "none") => Some(a),
+            _ => None,
+        };
         let sync_raw = pick(&args.sync, file.sync, "always".into());
         let sync: SyncPolicy = sync_raw
             .parse()
@@ -195,7 +205,9 @@ impl ServerConfig {
         let versioning = match pick(&args.versioning, file.versioning, "dvv".into()).as_str() {
             "dvv" => Versioning::Dvv,
             "lww" => Versioning::Lww,
-            other => bail!("--versioning {other:?}: choose dvv (siblings) or lww (last write wins)"),
+            other => {
+                bail!("--versioning {other:?}: choose dvv (siblings) or lww (last write wins)")
+            }
         };
         let config = ServerConfig {
             data_dir: pick(
@@ -208,6 +220,7 @@ impl ServerConfig {
             peer_addr: pick(&args.peer_addr, file.peer_addr, "127.0.0.1:7000".into()),
             client_addr: pick(&args.client_addr, file.client_addr, "127.0.0.1:7100".into()),
             http_addr,
+            resp_addr,
             peers,
             n: pick(&args.n, file.n, 3),
             r: pick(&args.r, file.r, 2),
@@ -226,7 +239,10 @@ impl ServerConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.node_id.is_empty() || self.node_id.contains(['=', ',', ' ']) {
-            bail!("--node-id {:?} must be non-empty without '=', ',' or spaces", self.node_id);
+            bail!(
+                "--node-id {:?} must be non-empty without '=', ',' or spaces",
+                self.node_id
+            );
         }
         if self.n == 0 {
             bail!("--n 0 would store nothing; use at least 1");
@@ -243,7 +259,10 @@ impl ServerConfig {
             );
         }
         if !self.partitions.is_power_of_two() {
-            bail!("--partitions {} must be a power of two (for example 64, 256, 1024)", self.partitions);
+            bail!(
+                "--partitions {} must be a power of two (for example 64, 256, 1024)",
+                self.partitions
+            );
         }
         if self.request_timeout_ms == 0 {
             bail!("--request-timeout-ms must be positive");
@@ -294,6 +313,27 @@ mod tests {
         assert_eq!(c.sync, SyncPolicy::Always);
         assert_eq!(c.data_dir, PathBuf::from("data/n1"));
         assert_eq!(c.http_addr.as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
+    }
+
+    #[test]
+    fn resp_addr_from_file_or_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamo.toml");
+        std::fs::write(&path, "resp_addr = \"127.0.0.1:6390\"\n").unwrap();
+        let from_file = ServerConfig::resolve(&ServerArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.resp_addr.as_deref(), Some("127.0.0.1:6390"));
+        let off = ServerConfig::resolve(&ServerArgs {
+            config: Some(path),
+            resp_addr: Some("off".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(off.resp_addr, None);
     }
 
     #[test]
@@ -320,11 +360,31 @@ mod tests {
     #[test]
     fn bad_settings_say_what_to_change() {
         let bad = |args: ServerArgs| ServerConfig::resolve(&args).unwrap_err().to_string();
-        assert!(bad(ServerArgs { partitions: Some(100), ..Default::default() }).contains("power of two"));
-        assert!(bad(ServerArgs { sync: Some("sometimes".into()), ..Default::default() }).contains("always"));
-        assert!(bad(ServerArgs { peers: vec!["n2".into()], ..Default::default() }).contains("NAME=HOST:PORT"));
-        assert!(bad(ServerArgs { r: Some(4), ..Default::default() }).contains("cannot exceed"));
-        assert!(bad(ServerArgs { versioning: Some("x".into()), ..Default::default() }).contains("lww"));
+        assert!(bad(ServerArgs {
+            partitions: Some(100),
+            ..Default::default()
+        })
+        .contains("power of two"));
+        assert!(bad(ServerArgs {
+            sync: Some("sometimes".into()),
+            ..Default::default()
+        })
+        .contains("always"));
+        assert!(bad(ServerArgs {
+            peers: vec!["n2".into()],
+            ..Default::default()
+        })
+        .contains("NAME=HOST:PORT"));
+        assert!(bad(ServerArgs {
+            r: Some(4),
+            ..Default::default()
+        })
+        .contains("cannot exceed"));
+        assert!(bad(ServerArgs {
+            versioning: Some("x".into()),
+            ..Default::default()
+        })
+        .contains("lww"));
     }
 
     #[test]
@@ -332,8 +392,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dynamo.toml");
         std::fs::write(&path, "nodeid = \"a\"\n").unwrap();
-        let err = ServerConfig::resolve(&ServerArgs { config: Some(path), ..Default::default() })
-            .unwrap_err();
+        let err = ServerConfig::resolve(&ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(format!("{err:#}").contains("nodeid"), "{err:#}");
     }
 }

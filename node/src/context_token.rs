@@ -23,13 +23,16 @@ pub fn decode(token: &str) -> Result<Context, String> {
             token.len()
         ));
     }
-    let bytes = URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|e| format!("context token is not base64url ({e}): pass it exactly as a read returned it"))?;
-    let (context, rest) = postcard::take_from_bytes::<Context>(&bytes)
-        .map_err(|e| format!("context token does not decode ({e}): pass it exactly as a read returned it"))?;
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|e| {
+        format!("context token is not base64url ({e}): pass it exactly as a read returned it")
+    })?;
+    let (context, rest) = postcard::take_from_bytes::<Context>(&bytes).map_err(|e| {
+        format!("context token does not decode ({e}): pass it exactly as a read returned it")
+    })?;
     if !rest.is_empty() {
-        return Err("context token has trailing bytes: pass it exactly as a read returned it".into());
+        return Err(
+            "context token has trailing bytes: pass it exactly as a read returned it".into(),
+        );
     }
     let mut context = context;
     dynamo_core::version::compact(&mut context);
@@ -44,11 +47,17 @@ mod tests {
     #[test]
     fn round_trip_and_garbage() {
         let mut ctx = Context::default();
-        let actor = Actor { incarnation: 9, epoch: 2 };
+        let actor = Actor {
+            incarnation: 9,
+            epoch: 2,
+        };
         ctx.vv.insert(actor, 3);
         ctx.dots.insert(Dot { actor, counter: 7 });
         assert_eq!(decode(&encode(&ctx)).unwrap(), ctx);
-        assert_eq!(decode(&encode(&Context::default())).unwrap(), Context::default());
+        assert_eq!(
+            decode(&encode(&Context::default())).unwrap(),
+            Context::default()
+        );
         assert!(decode("!!!").unwrap_err().contains("base64url"));
         assert!(decode("AAAA_w").is_err());
     }

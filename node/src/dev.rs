@@ -1,8 +1,8 @@
 //! `dynamo dev`: a local cluster of N `dynamo server` child processes on
 //! loopback, for development.
 //!
-//! Node `i` (named `n<i+1>`) listens on `peer-port + i`, `client-port + i` and
-//! `http-port + i`, keeps its data in `<data-dir>/n<i+1>` and its log in
+//! Node `i` (named `n<i+1>`) listens on `peer-port + i`, `client-port + i`,
+//! `http-port + i` and, for the Redis protocol, `resp-port + i`, keeps its data in `<data-dir>/n<i+1>` and its log in
 //! `<data-dir>/n<i+1>.log`. The launcher waits until every node answers, prints
 //! the addresses, then waits for Ctrl-C, SIGTERM or SIGHUP, or for a child to
 //! exit on its own, and stops every child (SIGTERM, then SIGKILL after 5 s).
@@ -45,6 +45,9 @@ pub struct DevArgs {
     /// Binary client port of n1; node i uses this plus i.
     #[arg(long, default_value_t = 7100)]
     pub client_port: u16,
+    /// Redis-protocol (RESP) port of n1; node i uses this plus i.
+    #[arg(long, default_value_t = 6380)]
+    pub resp_port: u16,
     /// Where the nodes keep their data (one directory each) and logs.
     #[arg(long, value_name = "DIR", default_value = ".dev-cluster")]
     pub data_dir: PathBuf,
@@ -78,6 +81,7 @@ pub struct DevNode {
     pub peer_addr: String,
     pub client_addr: String,
     pub http_addr: String,
+    pub resp_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -92,6 +96,7 @@ pub fn plan(args: &DevArgs) -> anyhow::Result<Vec<DevNode>> {
         ("peer", "--peer-port", args.peer_port),
         ("client", "--client-port", args.client_port),
         ("http", "--http-port", args.http_port),
+        ("resp", "--resp-port", args.resp_port),
     ];
     for (what, flag, base) in bases {
         if base == 0 || base as u32 + count as u32 - 1 > u16::MAX as u32 {
@@ -114,6 +119,7 @@ pub fn plan(args: &DevArgs) -> anyhow::Result<Vec<DevNode>> {
                 peer_addr: format!("127.0.0.1:{}", args.peer_port + i),
                 client_addr: format!("127.0.0.1:{}", args.client_port + i),
                 http_addr: format!("127.0.0.1:{}", args.http_port + i),
+                resp_addr: format!("127.0.0.1:{}", args.resp_port + i),
                 data_dir: args.data_dir.join(&name),
                 log: args.data_dir.join(format!("{name}.log")),
                 name,
@@ -134,6 +140,8 @@ pub fn server_args(args: &DevArgs, nodes: &[DevNode], me: &DevNode) -> Vec<Strin
         me.client_addr.clone(),
         "--http-addr".into(),
         me.http_addr.clone(),
+        "--resp-addr".into(),
+        me.resp_addr.clone(),
         "--data-dir".into(),
         me.data_dir.display().to_string(),
     ];
@@ -163,6 +171,7 @@ fn check_ports_free(nodes: &[DevNode]) -> anyhow::Result<()> {
             (&node.peer_addr, "--peer-port"),
             (&node.client_addr, "--client-port"),
             (&node.http_addr, "--http-port"),
+            (&node.resp_addr, "--resp-port"),
         ] {
             if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
                 bail!(
@@ -300,8 +309,8 @@ fn print_banner(nodes: &[DevNode]) {
     let mut out = String::from("dev cluster is up:\n");
     for n in nodes {
         out.push_str(&format!(
-            "  {:<4} http http://{}  client {}  peer {}\n",
-            n.name, n.http_addr, n.client_addr, n.peer_addr
+            "  {:<4} http http://{}  client {}  resp {}  peer {}\n",
+            n.name, n.http_addr, n.client_addr, n.resp_addr, n.peer_addr
         ));
     }
     let first = &nodes[0];
@@ -314,11 +323,20 @@ fn print_banner(nodes: &[DevNode]) {
         "      export DYNAMO_NODES={}; dynamo put greeting hello; dynamo get greeting; dynamo status\n",
         all.join(",")
     ));
+    out.push_str(&format!(
+        "      redis-cli -p {} set greeting hello; redis-cli -p {} get greeting\n",
+        port_of(&first.resp_addr),
+        port_of(&nodes[nodes.len() - 1].resp_addr)
+    ));
     out.push_str("Ctrl-C stops the cluster.\n");
     // The banner is the point of the command: stdout, whatever the log level.
     print!("{out}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap_or(addr)
 }
 
 /// Waits until every node answers `GET /health` or a binary ping. Errs when a
@@ -513,12 +531,14 @@ mod tests {
         assert_eq!(nodes[2].http_addr, "127.0.0.1:8082");
         assert_eq!(nodes[2].client_addr, "127.0.0.1:7102");
         assert_eq!(nodes[2].peer_addr, "127.0.0.1:7002");
+        assert_eq!(nodes[2].resp_addr, "127.0.0.1:6382");
         assert_eq!(nodes[2].data_dir, PathBuf::from(".dev-cluster/n3"));
         let argv = server_args(&a, &nodes, &nodes[0]);
         let joined = argv.join(" ");
         assert!(joined.starts_with("server --node-id n1"), "{joined}");
         assert!(joined.contains("--peer n2=127.0.0.1:7001 --peer n3=127.0.0.1:7002"));
         assert!(!joined.contains("n1=127.0.0.1"), "{joined}");
+        assert!(joined.contains("--resp-addr 127.0.0.1:6380"), "{joined}");
         assert!(joined.contains("--sync none"));
         assert!(joined.ends_with("--max-siblings 4"), "{joined}");
     }
@@ -531,6 +551,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("overlap"), "{e}");
+        let e = plan(&args(&["--nodes", "3", "--resp-port", "8081"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--resp-port") && e.contains("overlap"), "{e}");
         let e = plan(&args(&["--http-port", "65534"]))
             .unwrap_err()
             .to_string();
@@ -558,6 +582,7 @@ mod tests {
         let only_client = vec![DevNode {
             peer_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
+            resp_addr: "127.0.0.1:0".into(),
             ..nodes[0].clone()
         }];
         let e = check_ports_free(&only_client).unwrap_err().to_string();

@@ -2,6 +2,8 @@
 //! never do: storage engines, sockets, timers, clocks, the client APIs and the CLI.
 
 #[cfg(not(madsim))]
+pub mod bench;
+#[cfg(not(madsim))]
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -10,6 +12,9 @@ pub mod context_token;
 pub mod dev;
 #[cfg(not(madsim))]
 pub mod http;
+/// The Redis-protocol front end (only `tokio::net`/`io`/`sync`, so it also
+/// builds under madsim).
+pub mod resp;
 pub mod runtime;
 #[cfg(not(madsim))]
 pub mod server;

@@ -9,6 +9,9 @@ use anyhow::Context as _;
 use rand::SeedableRng;
 use std::sync::Arc;
 
+/// How long shutdown waits for RESP connections to write their last replies.
+const RESP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs a node until a signal asks it to stop; returns once everything is synced.
 pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
     let config = ServerConfig::resolve(args)?;
@@ -17,9 +20,8 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
         "starting dynamo node {}",
         config.node_id
     );
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!("creating the data directory {}", config.data_dir.display())
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let storage = FjallStorage::open(&config.data_dir)
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let http_listener = match &config.http_addr {
@@ -28,6 +30,18 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding the HTTP address {addr} (--http-addr)"))?,
         ),
+        None => None,
+    };
+    let resp_listener = match &config.resp_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the RESP address {addr} (--resp-addr)"))?,
+        ),
+        None => None,
+    };
+    let resp_addr = match &resp_listener {
+        Some(l) => Some(l.local_addr()?.to_string()),
         None => None,
     };
     let http_addr = match &http_listener {
@@ -57,21 +71,42 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
             }
         })
     });
+    let (stop_resp_tx, stop_resp_rx) = tokio::sync::oneshot::channel::<()>();
+    let resp_task = resp_listener.map(|listener| {
+        let handle = node.handle.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_resp_rx.await;
+            };
+            if let Err(e) = crate::resp::serve(listener, handle, stop).await {
+                tracing::error!(error = %e, "the RESP server failed");
+            }
+        })
+    });
     tracing::info!(
         node = %config.node_id,
         actor = %node.actor,
         peer = %node.peer_addr,
         client = %node.client_addr,
         http = http_addr.as_deref().unwrap_or("off"),
+        resp = resp_addr.as_deref().unwrap_or("off"),
         "ready"
     );
 
     wait_for_signal().await?;
     tracing::info!("shutting down: no new requests; finishing in-flight ones");
     let _ = stop_http_tx.send(());
+    let _ = stop_resp_tx.send(());
     node.shutdown().await?;
     if let Some(task) = http_task {
         let _ = task.await;
+    }
+    if let Some(task) = resp_task {
+        // Replies to commands already read are written; a client that stopped
+        // reading does not hold the shutdown up for long.
+        if tokio::time::timeout(RESP_DRAIN, task).await.is_err() {
+            tracing::warn!("RESP connections still writing after {RESP_DRAIN:?}; closing them");
+        }
     }
     tracing::info!("stopped cleanly");
     Ok(())

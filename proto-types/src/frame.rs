@@ -227,7 +227,10 @@ mod tests {
                 r: None,
             },
         };
-        assert!(matches!(codec.encode(&big), Err(FrameError::Oversize { .. })));
+        assert!(matches!(
+            codec.encode(&big),
+            Err(FrameError::Oversize { .. })
+        ));
         let mut garbage = frame.clone();
         for b in &mut garbage[HEADER_LEN..] {
             *b = 0xff;

@@ -70,10 +70,15 @@ pub enum ClientReply {
     Get(GetReply),
     /// The dot this write minted, and the context of this write: it covers the
     /// new value and what the request's context covered, nothing else.
-    Put { dot: Dot, context: Context },
+    Put {
+        dot: Dot,
+        context: Context,
+    },
     LocalGet(Option<DvvSet>),
     ClusterInfo(ClusterInfo),
-    Pong { node: NodeId },
+    Pong {
+        node: NodeId,
+    },
     Error(ClientError),
 }
 
@@ -86,9 +91,7 @@ pub struct GetReply {
 impl GetReply {
     /// The live values, in dot order (tombstones left out).
     pub fn values(&self) -> impl Iterator<Item = &[u8]> {
-        self.siblings
-            .iter()
-            .filter_map(|(_, s)| s.value.as_deref())
+        self.siblings.iter().filter_map(|(_, s)| s.value.as_deref())
     }
 }
 
@@ -171,7 +174,9 @@ pub struct Hello {
 pub enum PeerMessage {
     Hello(Hello),
     /// The peer refused our `Hello`; the connection closes after it.
-    HelloRejected { reason: String },
+    HelloRejected {
+        reason: String,
+    },
     /// Merge this set into your copy of `key`, persist, then acknowledge.
     Replicate {
         req: u64,
@@ -180,14 +185,20 @@ pub enum PeerMessage {
         set: DvvSet,
     },
     /// The replica persisted the merged set (`ok`), or could not (`error`).
-    ReplicateAck { req: u64, error: Option<String> },
+    ReplicateAck {
+        req: u64,
+        error: Option<String>,
+    },
     /// Send me your copy of `key`.
     Read {
         req: u64,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
-    ReadReply { req: u64, set: Option<DvvSet> },
+    ReadReply {
+        req: u64,
+        set: Option<DvvSet>,
+    },
     /// Read repair: merge this set into your copy and persist; no reply.
     Repair {
         #[serde(with = "serde_bytes")]
@@ -196,10 +207,20 @@ pub enum PeerMessage {
     },
     /// A write that reached a node outside the key's preference list, passed on to
     /// a primary, which coordinates it and answers with `ForwardReply`.
-    Forward { req: u64, request: ClientRequest },
-    ForwardReply { req: u64, reply: ClientReply },
+    Forward {
+        req: u64,
+        request: ClientRequest,
+    },
+    ForwardReply {
+        req: u64,
+        reply: ClientReply,
+    },
     /// Transport keepalive on an outbound connection; the receiver answers with
     /// `Pong` on the same connection. A connection whose pongs stop is replaced.
-    Ping { seq: u64 },
-    Pong { seq: u64 },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
 }

@@ -594,7 +594,8 @@ impl Node {
                 continue;
             }
             if *node == self.config.node {
-                if let Err(e) = self.merge_local(&get.key, &get.merged, PersistWaiter::Nobody, false)
+                if let Err(e) =
+                    self.merge_local(&get.key, &get.merged, PersistWaiter::Nobody, false)
                 {
                     tracing::error!(error = %e, "local read repair failed");
                 }
@@ -737,7 +738,14 @@ impl Node {
         };
         self.send(&to, PeerMessage::Forward { req, request });
         let deadline = now + self.config.request_timeout_ms;
-        self.insert_pending(req, Pending::Forward(PendingForward { origin, to, deadline }));
+        self.insert_pending(
+            req,
+            Pending::Forward(PendingForward {
+                origin,
+                to,
+                deadline,
+            }),
+        );
     }
 
     fn on_replicate_ack(&mut self, from: &NodeId, req: u64, error: Option<String>) {
@@ -877,7 +885,9 @@ impl Node {
 
     fn answer(&mut self, origin: Origin, reply: ClientReply) {
         match origin {
-            Origin::Client { client, id } => self.outputs.push_back(Output::Reply { client, id, reply }),
+            Origin::Client { client, id } => {
+                self.outputs.push_back(Output::Reply { client, id, reply })
+            }
             Origin::Forwarded { from, req } => {
                 self.send(&from, PeerMessage::ForwardReply { req, reply })
             }

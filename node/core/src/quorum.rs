@@ -14,7 +14,10 @@ pub fn effective_n(configured_n: u8, members: usize) -> u8 {
 /// effective N. Returns the value and, when it had to clamp, a warning to log.
 pub fn clamp_default(name: &str, configured: u8, n: u8) -> (u8, Option<String>) {
     if configured == 0 {
-        return (1, Some(format!("{name} = 0 is not a quorum; using {name} = 1")));
+        return (
+            1,
+            Some(format!("{name} = 0 is not a quorum; using {name} = 1")),
+        );
     }
     if configured > n {
         return (
@@ -53,7 +56,14 @@ mod tests {
     #[test]
     fn effective_n_table() {
         // (configured N, members, effective N)
-        for (n, members, want) in [(3, 5, 3), (3, 3, 3), (3, 2, 2), (3, 1, 1), (5, 0, 1), (1, 9, 1)] {
+        for (n, members, want) in [
+            (3, 5, 3),
+            (3, 3, 3),
+            (3, 2, 2),
+            (3, 1, 1),
+            (5, 0, 1),
+            (1, 9, 1),
+        ] {
             assert_eq!(effective_n(n, members), want, "N={n} members={members}");
         }
     }
@@ -61,7 +71,12 @@ mod tests {
     #[test]
     fn clamp_default_table() {
         // (configured, effective N, used, warns)
-        for (v, n, want, warns) in [(2, 3, 2, false), (3, 3, 3, false), (2, 1, 1, true), (0, 3, 1, true)] {
+        for (v, n, want, warns) in [
+            (2, 3, 2, false),
+            (3, 3, 3, false),
+            (2, 1, 1, true),
+            (0, 3, 1, true),
+        ] {
             let (got, warning) = clamp_default("W", v, n);
             assert_eq!((got, warning.is_some()), (want, warns), "W={v} N={n}");
         }
@@ -90,7 +105,13 @@ mod tests {
     #[test]
     fn reachability_table() {
         // (needed, failed, N, reachable)
-        for (needed, failed, n, want) in [(2, 0, 3, true), (2, 1, 3, true), (2, 2, 3, false), (3, 1, 3, false), (1, 2, 3, true)] {
+        for (needed, failed, n, want) in [
+            (2, 0, 3, true),
+            (2, 1, 3, true),
+            (2, 2, 3, false),
+            (3, 1, 3, false),
+            (1, 2, 3, true),
+        ] {
             assert_eq!(still_reachable(needed, failed, n), want);
         }
     }

@@ -57,7 +57,10 @@ fn quorum_failure_reports_counts() {
             n: 3
         }
     );
-    assert!(err.to_string().contains("may still have been applied"), "{err}");
+    assert!(
+        err.to_string().contains("may still have been applied"),
+        "{err}"
+    );
     let reply = c.get(&coordinator, &key, Some(3));
     assert_eq!(
         reply,
@@ -85,13 +88,23 @@ fn replicas_ack_only_after_persisting() {
     }
     let req = c.submit(primaries[0].as_str(), put_req(&key, Some(b"v"), None, None));
     c.run_until_quiet();
-    assert!(!c.replies.contains_key(&req), "acknowledged before any replica was durable");
+    assert!(
+        !c.replies.contains_key(&req),
+        "acknowledged before any replica was durable"
+    );
     c.node_mut(primaries[1].as_str()).hold_sync = false;
     c.run_until_quiet();
-    assert!(!c.replies.contains_key(&req), "acknowledged with one durable copy and W = 2");
+    assert!(
+        !c.replies.contains_key(&req),
+        "acknowledged with one durable copy and W = 2"
+    );
     c.node_mut(primaries[0].as_str()).hold_sync = false;
     c.run_until_quiet();
-    expect_put(c.replies.remove(&req).expect("acknowledged once two copies are durable"));
+    expect_put(
+        c.replies
+            .remove(&req)
+            .expect("acknowledged once two copies are durable"),
+    );
 }
 
 #[test]
@@ -105,7 +118,11 @@ fn concurrent_writes_make_siblings_and_a_merged_context_resolves_them() {
     expect_put(c.wait(a));
     expect_put(c.wait(b));
     let got = expect_get(c.get("n3", &key, Some(3)));
-    assert_eq!(values(&got), ["a", "b"], "both concurrent writes survive as siblings");
+    assert_eq!(
+        values(&got),
+        ["a", "b"],
+        "both concurrent writes survive as siblings"
+    );
     let (_, ctx) = expect_put(c.put("n3", &key, b"a+b", Some(got.context)));
     let got = expect_get(c.get("n1", &key, Some(3)));
     assert_eq!(values(&got), ["a+b"]);
@@ -137,7 +154,10 @@ fn a_chain_of_puts_leaves_one_value_and_interleaved_puts_make_no_siblings() {
     assert_eq!(values(&got), ["y"]);
     // A put with a stale context (it saw v4, not x or y) does add a sibling.
     expect_put(c.put(&coordinator, &key, b"stale", third_blind_ctx));
-    assert_eq!(values(&expect_get(c.get("n3", &key, Some(3)))), ["stale", "y"]);
+    assert_eq!(
+        values(&expect_get(c.get("n3", &key, Some(3)))),
+        ["stale", "y"]
+    );
 }
 
 #[test]
@@ -149,10 +169,16 @@ fn delete_then_get() {
     let reply = c.request("n2", put_req(&key, None, Some(got.context), None));
     expect_put(reply);
     let got = expect_get(c.get("n3", &key, Some(3)));
-    assert!(values(&got).is_empty(), "deleted key still has values: {got:?}");
+    assert!(
+        values(&got).is_empty(),
+        "deleted key still has values: {got:?}"
+    );
     assert_eq!(got.siblings.len(), 1, "one tombstone");
     assert!(got.siblings[0].1.value.is_none());
-    assert!(!got.context.vv.is_empty(), "the tombstone's context comes back");
+    assert!(
+        !got.context.vv.is_empty(),
+        "the tombstone's context comes back"
+    );
     // A delete without a context covers nothing: the value stays beside it.
     expect_put(c.put("n1", &key, b"again", None));
     expect_put(c.request("n1", put_req(&key, None, None, None)));
@@ -175,8 +201,14 @@ fn read_repair_fixes_a_replica_that_missed_a_write() {
     let got = expect_get(c.get(primaries[0].as_str(), &key, Some(2)));
     assert_eq!(values(&got), ["v"]);
     c.settle();
-    assert_eq!(set_values(&c.durable(&missed, &key).expect("repaired")), ["v"]);
-    assert_eq!(c.durable(&missed, &key), c.durable(primaries[0].as_str(), &key));
+    assert_eq!(
+        set_values(&c.durable(&missed, &key).expect("repaired")),
+        ["v"]
+    );
+    assert_eq!(
+        c.durable(&missed, &key),
+        c.durable(primaries[0].as_str(), &key)
+    );
 }
 
 #[test]
@@ -192,7 +224,11 @@ fn writes_to_a_non_primary_are_forwarded_to_a_primary() {
         .iter()
         .any(|p| c.node(p.as_str()).actor() == dot.actor));
     c.settle();
-    assert_eq!(c.durable("n4", &key), None, "the non-primary stores nothing");
+    assert_eq!(
+        c.durable("n4", &key),
+        None,
+        "the non-primary stores nothing"
+    );
     // Gets coordinate anywhere.
     assert_eq!(values(&expect_get(c.get("n4", &key, None))), ["forwarded"]);
 }
@@ -227,7 +263,10 @@ fn acknowledged_write_survives_a_replica_losing_unsynced_writes() {
         assert_eq!(set_values(&c.durable(p.as_str(), &key).unwrap()), ["kept"]);
     }
     let got = expect_get(c.get(&lazy, &key, Some(3)));
-    assert_eq!(got.siblings.iter().map(|(d, _)| *d).collect::<Vec<_>>(), [dot]);
+    assert_eq!(
+        got.siblings.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
+        [dot]
+    );
 }
 
 #[test]
@@ -240,14 +279,22 @@ fn coordinator_crash_before_its_own_sync_reuses_no_dot() {
     // W = 2 is met by the two other replicas; the coordinator's copy is volatile.
     let (dot1, _) = expect_put(c.put(&coord, &key, b"first", None));
     c.crash_and_restart(&coord);
-    assert_eq!(c.durable(&coord, &key), None, "the coordinator lost its copy");
+    assert_eq!(
+        c.durable(&coord, &key),
+        None,
+        "the coordinator lost its copy"
+    );
     // After the restart it mints under a new epoch: no dot is reused.
     let (dot2, _) = expect_put(c.put(&coord, &key, b"second", None));
     assert_ne!(dot1, dot2);
     assert_eq!(dot2.actor.epoch, dot1.actor.epoch + 1);
     assert_eq!(dot2.actor.incarnation, dot1.actor.incarnation);
     let got = expect_get(c.get(&coord, &key, Some(3)));
-    assert_eq!(values(&got), ["first", "second"], "every acknowledged value is there");
+    assert_eq!(
+        values(&got),
+        ["first", "second"],
+        "every acknowledged value is there"
+    );
 }
 
 #[test]
@@ -263,7 +310,11 @@ fn per_request_quorums_are_validated_and_defaults_clamped() {
     // Two nodes with N = 3, W = 3: the effective N is 2 and W is clamped, with a warning.
     let mut c = Cluster::new(2, 3, 3, 3);
     assert_eq!(c.node("n1").quorum(), (2, 2, 2));
-    assert!(c.node("n1").warnings().iter().any(|w| w.contains("fewer than N")));
+    assert!(c
+        .node("n1")
+        .warnings()
+        .iter()
+        .any(|w| w.contains("fewer than N")));
     expect_put(c.put("n1", b"k", b"v", None));
     assert_eq!(values(&expect_get(c.get("n2", b"k", None))), ["v"]);
 }
@@ -344,16 +395,28 @@ fn hello_checks_cluster_q_n_and_membership() {
         cluster_id: ClusterId("other".into()),
         ..good.clone()
     };
-    assert!(n1.check_hello(&other_cluster).unwrap_err().contains("cluster"));
-    let other_q = Hello { q: 128, ..good.clone() };
+    assert!(n1
+        .check_hello(&other_cluster)
+        .unwrap_err()
+        .contains("cluster"));
+    let other_q = Hello {
+        q: 128,
+        ..good.clone()
+    };
     assert!(n1.check_hello(&other_q).unwrap_err().contains("Q = 128"));
-    let other_n = Hello { n: 5, ..good.clone() };
+    let other_n = Hello {
+        n: 5,
+        ..good.clone()
+    };
     assert!(n1.check_hello(&other_n).is_err());
     let stranger = Hello {
         node: NodeId::from("n9"),
         ..good
     };
-    assert!(n1.check_hello(&stranger).unwrap_err().contains("not a member"));
+    assert!(n1
+        .check_hello(&stranger)
+        .unwrap_err()
+        .contains("not a member"));
 }
 
 #[test]

@@ -6,7 +6,14 @@
 use std::path::Path;
 
 const FORBIDDEN_DEPENDENCIES: &[&str] = &[
-    "tokio", "madsim", "async-std", "smol", "futures", "mio", "getrandom", "hashbrown",
+    "tokio",
+    "madsim",
+    "async-std",
+    "smol",
+    "futures",
+    "mio",
+    "getrandom",
+    "hashbrown",
 ];
 
 const FORBIDDEN_IN_SOURCE: &[&str] = &[
@@ -27,8 +34,8 @@ const FORBIDDEN_IN_SOURCE: &[&str] = &[
 
 #[test]
 fn core_depends_on_no_async_runtime() {
-    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .unwrap();
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
     let deps: String = manifest
         .split("[dependencies]")
         .nth(1)
@@ -38,9 +45,11 @@ fn core_depends_on_no_async_runtime() {
         .unwrap()
         .to_string();
     for dep in FORBIDDEN_DEPENDENCIES {
-        let declared = deps
-            .lines()
-            .any(|l| l.trim_start().starts_with(&format!("{dep} ")) || l.trim_start().starts_with(&format!("{dep}=")) || l.contains(&format!("package = \"{dep}")));
+        let declared = deps.lines().any(|l| {
+            l.trim_start().starts_with(&format!("{dep} "))
+                || l.trim_start().starts_with(&format!("{dep}="))
+                || l.contains(&format!("package = \"{dep}"))
+        });
         assert!(!declared, "dynamo-core must not depend on {dep}");
     }
 }
@@ -68,5 +77,9 @@ fn core_source_reads_no_clock_randomness_or_io() {
         }
         checked += 1;
     }
-    assert!(checked >= 5, "expected the core's modules under {}", src.display());
+    assert!(
+        checked >= 5,
+        "expected the core's modules under {}",
+        src.display()
+    );
 }

@@ -67,11 +67,19 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
 
     let peer_listener = TcpListener::bind(&config.peer_addr)
         .await
-        .with_context(|| format!("binding the peer address {} (--peer-addr)", config.peer_addr))?;
+        .with_context(|| {
+            format!(
+                "binding the peer address {} (--peer-addr)",
+                config.peer_addr
+            )
+        })?;
     let client_listener = TcpListener::bind(&config.client_addr)
         .await
         .with_context(|| {
-            format!("binding the client address {} (--client-addr)", config.client_addr)
+            format!(
+                "binding the client address {} (--client-addr)",
+                config.client_addr
+            )
         })?;
     let peer_addr = peer_listener.local_addr()?;
     let client_addr = client_listener.local_addr()?;
@@ -122,7 +130,11 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
         .map(|p| (NodeId::from(p.id.as_str()), p.peer_addr.clone()))
         .collect();
     let senders = peers::spawn_outbound(&peer_ctx, &peer_list);
-    tokio::spawn(peers::accept_loop(peer_ctx, peer_listener, shutdown_rx.clone()));
+    tokio::spawn(peers::accept_loop(
+        peer_ctx,
+        peer_listener,
+        shutdown_rx.clone(),
+    ));
 
     let handle = CoreHandle {
         events: events_tx,

@@ -208,7 +208,11 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
                 tracing::error!(error = %e, "dropping a message that cannot be framed");
             }
             count += 1;
-            next = if count < MAX_BATCH { rx.try_recv().ok() } else { None };
+            next = if count < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if let Err(e) = write_all_flush(writer, &buf).await {
             return PumpEnd::Failed(e.to_string());
@@ -246,7 +250,10 @@ async fn connect_and_greet(
     match reply {
         Some(PeerMessage::Hello(theirs)) => {
             if &theirs.node != peer {
-                return Err(format!("{addr} answered as {}, expected {peer}", theirs.node));
+                return Err(format!(
+                    "{addr} answered as {}, expected {peer}",
+                    theirs.node
+                ));
             }
             ctx.check.check(&theirs)?;
             Ok((stream, theirs))
@@ -320,7 +327,8 @@ pub(crate) async fn accept_loop(
 async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
-    let greeting = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf)).await;
+    let greeting =
+        tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf)).await;
     let peer = match greeting {
         Ok(Ok(Some(PeerMessage::Hello(hello)))) => match ctx.check.check(&hello) {
             Ok(()) => hello.node,
@@ -374,7 +382,14 @@ async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
                 }
             }
             Ok(Some(msg)) => {
-                if ctx.events.send(Event::Peer { from: peer.clone(), msg }).is_err() {
+                if ctx
+                    .events
+                    .send(Event::Peer {
+                        from: peer.clone(),
+                        msg,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -76,7 +76,9 @@ impl Cluster {
     }
 
     pub fn with_config(size: usize, config: Config) -> Cluster {
-        let members: Vec<Member> = (1..=size).map(|i| Member::named(&format!("n{i}"))).collect();
+        let members: Vec<Member> = (1..=size)
+            .map(|i| Member::named(&format!("n{i}")))
+            .collect();
         let mut cluster = Cluster {
             now: 1_000,
             nodes: BTreeMap::new(),
@@ -159,12 +161,24 @@ impl Cluster {
         self.wait(req)
     }
 
-    pub fn put(&mut self, to: &str, key: &[u8], value: &[u8], context: Option<Context>) -> ClientReply {
+    pub fn put(
+        &mut self,
+        to: &str,
+        key: &[u8],
+        value: &[u8],
+        context: Option<Context>,
+    ) -> ClientReply {
         self.request(to, put_req(key, Some(value), context, None))
     }
 
     pub fn get(&mut self, to: &str, key: &[u8], r: Option<u8>) -> ClientReply {
-        self.request(to, ClientRequest::Get { key: key.to_vec(), r })
+        self.request(
+            to,
+            ClientRequest::Get {
+                key: key.to_vec(),
+                r,
+            },
+        )
     }
 
     /// Delivers messages, applies and syncs persists, until nothing moves.
@@ -190,7 +204,11 @@ impl Cluster {
 
     /// Jumps the clock to the earliest timer and fires it. False when none is armed.
     pub fn advance_to_next_timer(&mut self) -> bool {
-        let next = self.nodes.values().filter_map(|s| s.node.poll_timeout()).min();
+        let next = self
+            .nodes
+            .values()
+            .filter_map(|s| s.node.poll_timeout())
+            .min();
         let Some(at) = next else {
             return false;
         };
@@ -278,7 +296,12 @@ impl Cluster {
     }
 }
 
-pub fn put_req(key: &[u8], value: Option<&[u8]>, context: Option<Context>, w: Option<u8>) -> ClientRequest {
+pub fn put_req(
+    key: &[u8],
+    value: Option<&[u8]>,
+    context: Option<Context>,
+    w: Option<u8>,
+) -> ClientRequest {
     ClientRequest::Put {
         key: key.to_vec(),
         value: value.map(|v| v.to_vec()),

@@ -408,11 +408,13 @@ fn dev_starts_a_cluster_and_stops_it_on_sigterm() {
     let peer = free_port_run(2, &[]);
     let client = free_port_run(2, &[peer, peer + 1]);
     let http = free_port_run(2, &[peer, peer + 1, client, client + 1]);
+    let resp = free_port_run(2, &[peer, peer + 1, client, client + 1, http, http + 1]);
     let dev = Command::new(DYNAMO)
         .args(["dev", "--nodes", "2", "--n", "2", "--sync", "none"])
         .args(["--peer-port", &peer.to_string()])
         .args(["--client-port", &client.to_string()])
         .args(["--http-port", &http.to_string()])
+        .args(["--resp-port", &resp.to_string()])
         .arg("--data-dir")
         .arg(dir.path())
         .stdin(Stdio::null())
@@ -436,6 +438,10 @@ fn dev_starts_a_cluster_and_stops_it_on_sigterm() {
         "{banner}"
     );
     assert!(banner.contains("curl"), "{banner}");
+    assert!(
+        banner.contains(&format!("resp 127.0.0.1:{resp}")),
+        "{banner}"
+    );
     assert!(dir.path().join("n1.log").exists() && dir.path().join("n2").exists());
 
     // The nodes serve: write through n2, read through n1.
@@ -456,6 +462,8 @@ fn dev_starts_a_cluster_and_stops_it_on_sigterm() {
             &client.to_string(),
             "--http-port",
             &http.to_string(),
+            "--resp-port",
+            &resp.to_string(),
             "--data-dir",
             dir.path().join("other").to_str().unwrap(),
         ],

@@ -109,8 +109,9 @@ pub fn check_all(
     params: &CheckParams,
 ) -> Vec<CheckReport> {
     let index = Index::new(history, final_state, params);
-    let checks: [(&'static str, Checker); 6] = [
+    let checks: [(&'static str, Checker); 7] = [
         ("no_lost_writes", no_lost_writes_in),
+        ("reply_contexts", reply_contexts_in),
         ("read_your_writes", read_your_writes_in),
         ("convergence", convergence_in),
         ("no_false_siblings", no_false_siblings_in),
@@ -155,6 +156,19 @@ pub fn no_lost_writes(
     params: &CheckParams,
 ) -> Verdict {
     no_lost_writes_in(&Index::new(history, final_state, params))
+}
+
+/// The write API's contract: an acknowledged put's or delete's reply context
+/// covers exactly the new dot and what the request's context covered (nothing
+/// at all besides the dot for a blind write). A broader reply context would let
+/// the client's next write silently supersede siblings it never saw, which the
+/// other checkers would take for a legitimate overwrite.
+pub fn reply_contexts(
+    history: &History,
+    final_state: &FinalState,
+    params: &CheckParams,
+) -> Verdict {
+    reply_contexts_in(&Index::new(history, final_state, params))
 }
 
 /// Invariant 2, under strict quorums. Skipped unless R + W > N and acknowledged
@@ -687,6 +701,30 @@ fn writer_note(ix: &Index, key: &Key, dot: &Dot, sibling: &Sibling) -> String {
 
 // ---------------------------------------------------------------------------
 // 2. Read your writes.
+
+fn reply_contexts_in(ix: &Index) -> Verdict {
+    for op in &ix.history.ops {
+        let Outcome::Written { dot, context } = &op.outcome else {
+            continue;
+        };
+        let mut expected = op.kind.context().cloned().unwrap_or_default();
+        version::context_insert(&mut expected, *dot);
+        version::compact(&mut expected);
+        let mut got = context.clone();
+        version::compact(&mut got);
+        if got != expected {
+            return safety(format!(
+                "key {}: {} was answered with context {}, but a write's reply must cover \
+                 exactly its request context plus its own dot: {}",
+                show_key(op.kind.key()),
+                show_op(op),
+                show_ctx(&got),
+                show_ctx(&expected)
+            ));
+        }
+    }
+    Verdict::Pass
+}
 
 fn read_your_writes_in(ix: &Index) -> Verdict {
     let p = ix.params;
@@ -1566,6 +1604,48 @@ mod tests {
         );
     }
 
+    // -- reply_contexts ---------------------------------------------------
+
+    #[test]
+    fn reply_contexts_pass_when_exact() {
+        let (a1, b1, a2) = (dot(A, 1), dot(B, 1), dot(A, 2));
+        let mut h = Builder::new();
+        h.put("v1", None, (0, Some(10)), written(a1, None))
+            .put("v2", None, (0, Some(10)), written(b1, None))
+            .put(
+                "v3",
+                Some(&ctx(&[a1])),
+                (20, Some(30)),
+                written(a2, Some(&ctx(&[a1]))),
+            );
+        let state = converged(&set(&[(b1, Some("v2")), (a2, Some("v3"))], &[a1]));
+        assert_eq!(
+            reply_contexts(&h.history(), &state, &params()),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn reply_contexts_detect_a_context_covering_unseen_siblings() {
+        let (a1, b1, a2) = (dot(A, 1), dot(B, 1), dot(A, 2));
+        let mut h = Builder::new();
+        // The third write saw only a1, but its reply also covers b1.
+        h.put("v1", None, (0, Some(10)), written(a1, None))
+            .put("v2", None, (0, Some(10)), written(b1, None))
+            .put(
+                "v3",
+                Some(&ctx(&[a1])),
+                (20, Some(30)),
+                written(a2, Some(&ctx(&[a1, b1]))),
+            );
+        let state = converged(&set(&[(b1, Some("v2")), (a2, Some("v3"))], &[a1]));
+        assert_fails(
+            reply_contexts(&h.history(), &state, &params()),
+            ViolationKind::Safety,
+            &["k1", "op #3", "exactly its request context"],
+        );
+    }
+
     // -- no_resurrection --------------------------------------------------
 
     #[test]
@@ -1851,6 +1931,7 @@ mod tests {
             names,
             [
                 "no_lost_writes",
+                "reply_contexts",
                 "read_your_writes",
                 "convergence",
                 "no_false_siblings",

@@ -168,6 +168,9 @@ pub struct DiskSpec {
     pub lose_unsynced: LoseUnsynced,
     /// The node's sync policy: "always", "interval:<ms>" or "none".
     pub sync: String,
+    /// How long one fsync takes, inclusive range: writes sit applied but
+    /// volatile for that long, and a crash in between loses them.
+    pub sync_latency: [Millis; 2],
 }
 
 impl Default for DiskSpec {
@@ -175,6 +178,7 @@ impl Default for DiskSpec {
         DiskSpec {
             lose_unsynced: LoseUnsynced::All,
             sync: "always".into(),
+            sync_latency: [Millis(1), Millis(4)],
         }
     }
 }

@@ -95,6 +95,8 @@ impl World {
             };
             let config = ServerConfig::resolve(&args)?;
             let storage = Arc::new(MemoryStorage::new());
+            let latency = scenario.disk.sync_latency;
+            storage.set_sync_latency(latency[0].0, latency[1].0, seed ^ ((i as u64 + 1) << 48));
             let clock = Clock::starting_at(EPOCH_MS);
             let host = {
                 let storage = storage.clone();

@@ -44,6 +44,9 @@ struct Inner {
     /// While set, every write, sync and metadata write fails (fault injection).
     failing: bool,
     syncs: u64,
+    /// How long a sync takes, drawn per sync from `[min, max]` ms (simulation).
+    sync_latency_ms: (u64, u64),
+    latency_rng: Option<rand_chacha::ChaCha8Rng>,
 }
 
 impl MemoryStorage {
@@ -76,6 +79,15 @@ impl MemoryStorage {
     /// (`true`) or succeed again (`false`). Reads keep working.
     pub fn set_failing(&self, failing: bool) {
         self.lock().failing = failing;
+    }
+
+    /// Makes every sync take between `min_ms` and `max_ms` of (simulated) time,
+    /// drawn from a generator seeded with `seed`.
+    pub fn set_sync_latency(&self, min_ms: u64, max_ms: u64, seed: u64) {
+        use rand::SeedableRng;
+        let mut inner = self.lock();
+        inner.sync_latency_ms = (min_ms, max_ms.max(min_ms));
+        inner.latency_rng = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     }
 
     /// How many writes were applied since the last sync (and a crash would lose).
@@ -185,6 +197,16 @@ impl Storage for MemoryStorage {
         }
         inner.meta.insert(name.to_string(), value.to_vec());
         Ok(())
+    }
+
+    fn simulated_sync_latency(&self) -> std::time::Duration {
+        let mut inner = self.lock();
+        let (min, max) = inner.sync_latency_ms;
+        let ms = match inner.latency_rng.as_mut() {
+            Some(rng) if max > 0 => rng.gen_range(min..=max),
+            _ => 0,
+        };
+        std::time::Duration::from_millis(ms)
     }
 }
 

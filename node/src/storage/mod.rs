@@ -62,6 +62,14 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Stores one metadata value; it is durable when this returns.
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
+
+    /// How long the next sync takes on a simulated disk. Real engines spend real
+    /// time in `sync` and return zero here; the simulator's disk returns a drawn
+    /// delay, which the storage worker sleeps (in simulated time) between
+    /// applying a batch and syncing it, so a crash can land in that gap.
+    fn simulated_sync_latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// One write of a batch: store `set` under `key` in `partition`, or remove the key

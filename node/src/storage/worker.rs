@@ -281,9 +281,22 @@ async fn apply(
     writes: Vec<WriteOp>,
     sync: bool,
 ) -> Result<(), StorageError> {
-    apply_blocking(&**storage, &writes, sync)
+    if !writes.is_empty() {
+        storage.write_batch(&writes)?;
+    }
+    if sync {
+        // The simulated disk takes time to sync; the writes are applied but
+        // volatile meanwhile.
+        let latency = storage.simulated_sync_latency();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        storage.sync()?;
+    }
+    Ok(())
 }
 
+#[cfg(not(madsim))]
 fn apply_blocking(
     storage: &dyn Storage,
     writes: &[WriteOp],

@@ -714,7 +714,7 @@ fn reply_contexts_in(ix: &Index) -> Verdict {
         version::compact(&mut got);
         if got != expected {
             return safety(format!(
-                "key {}: {} was answered with context {}, but a write's reply must cover \
+                "{}: {} was answered with context {}, but a write's reply must cover \
                  exactly its request context plus its own dot: {}",
                 show_key(op.kind.key()),
                 show_op(op),

@@ -55,3 +55,11 @@ ring-table:
 # A local 3-node cluster in release mode (HTTP on 8080-8082); Ctrl-C stops it.
 run nodes="3":
     cargo run --release --locked -p dynamo-node --bin dynamo -- dev --nodes {{trim_start_match(nodes, "nodes=")}}
+
+# Cluster benchmarks against Redis and etcd on this machine (installs redis-server, etcd-server and wrk with apt when missing); rewrites BENCHMARKS.md.
+bench:
+    ci/bench.sh
+
+# Simulator speed (simulated seconds per wall second, seeds per minute) and the ring table; rewrites the simulator section of BENCHMARKS.md.
+bench-sim:
+    ci/bench-sim.sh

@@ -36,6 +36,7 @@ CONCURRENCY=50
 OPEN_LOOP_FRACTION=0.7
 
 START_EPOCH=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
     log "error: $*"
@@ -456,6 +457,9 @@ fi
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 MEM=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 END_EPOCH=$(date +%s)
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+# Busy before we started (load average over 1, 5 and 15 minutes above half the cores)?
+NOISY=$(awk -v n="$(nproc)" '{ print ($1 > n / 2 || $2 > n / 2) ? "yes" : "no" }' <<<"$LOAD_START")
 
 export WORK REDIS_N DURATION WRK_DURATION RATE ETCD_RPS ETCD_NON2XX ETCD_SOCKERR ETCD_KEYS \
     ETCD_PUT_PATH CONCURRENCY OPEN_LOOP_FRACTION
@@ -535,6 +539,9 @@ EOF
 echo
 echo "$TABLE"
 echo
+if [ "$NOISY" = yes ]; then
+    log "warning: load average was $LOAD_START before the run on $(nproc) cores: figures are noise-prone"
+fi
 
 # ---------------------------------------------------------------------------
 # 6. BENCHMARKS.md (this section rewritten; the simulator section kept)
@@ -565,6 +572,8 @@ when done.
 Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit $GIT_REV; took $((END_EPOCH - START_EPOCH)) s.
 
 - Machine: $(nproc) cores, $MEM, $CPU_MODEL, Linux $(uname -r)
+- Load average (1, 5, 15 min) before the run: $LOAD_START; after: $LOAD_END$(
+        [ "$NOISY" = yes ] && printf '%s' " (**the machine was already busy: treat these figures as noise-prone, rerun on a quiet machine**)")
 - Versions: $REDIS_VERSION; $ETCD_VERSION; $RUSTC_VERSION
 - Everything (3 dynamo nodes, Redis, etcd and the load generators) shares this one
   machine and loopback; all three stores fsync before acknowledging a write

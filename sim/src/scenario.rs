@@ -482,6 +482,10 @@ impl Scenario {
             } else {
                 LoseUnsynced::RandomSubset
             };
+            // One cluster in five runs last-write-wins, where skew matters.
+            if rng.gen_bool(0.2) {
+                s.cluster.versioning = "lww".into();
+            }
         }
         let names = s.node_names();
         let duration = s.workload.duration.0.max(1_000);

@@ -4,23 +4,15 @@
 //!
 //! Every process a test starts is killed when its guard drops, pass or fail.
 
+mod common;
+
+use common::Cluster;
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const DYNAMO: &str = env!("CARGO_BIN_EXE_dynamo");
-
-/// Ports nobody listens on right now (the OS picks them; small race accepted).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
 
 /// A base port with `count` consecutive free ports from it.
 fn free_port_run(count: u16, avoid: &[u16]) -> u16 {
@@ -45,96 +37,24 @@ fn free_port_run(count: u16, avoid: &[u16]) -> u16 {
     panic!("no run of {count} free ports");
 }
 
-/// Kills its processes on drop.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Runs `dynamo ARGS --node <every node>` against a cluster, feeding `stdin`.
+fn run(cluster: &Cluster, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    run_dynamo(args, &["--node", &nodes(cluster)], stdin)
 }
 
-struct Cluster {
-    procs: Procs,
-    client_addrs: Vec<String>,
-    _dir: tempfile::TempDir,
+/// Every node's client address, comma-separated.
+fn nodes(cluster: &Cluster) -> String {
+    (0..cluster.len())
+        .map(|i| cluster.client_addr(i).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-impl Cluster {
-    fn start(nodes: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(nodes * 3);
-        let peer = |i: usize| format!("127.0.0.1:{}", ports[3 * i]);
-        let client = |i: usize| format!("127.0.0.1:{}", ports[3 * i + 1]);
-        let http = |i: usize| format!("127.0.0.1:{}", ports[3 * i + 2]);
-        let mut procs = Procs(Vec::new());
-        for i in 0..nodes {
-            let name = format!("n{}", i + 1);
-            let mut cmd = Command::new(DYNAMO);
-            cmd.arg("server")
-                .args(["--node-id", &name])
-                .args(["--peer-addr", &peer(i)])
-                .args(["--client-addr", &client(i)])
-                .args(["--http-addr", &http(i)])
-                .arg("--data-dir")
-                .arg(dir.path().join(&name))
-                .args(["--sync", "none"]);
-            for j in (0..nodes).filter(|j| *j != i) {
-                cmd.args(["--peer", &format!("n{}={}", j + 1, peer(j))]);
-            }
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            cmd.env_remove("DYNAMO_NODES")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            procs.0.push(cmd.spawn().unwrap());
-        }
-        let cluster = Cluster {
-            procs,
-            client_addrs: (0..nodes).map(client).collect(),
-            _dir: dir,
-        };
-        cluster.wait_until_every_member_is_up(nodes);
-        cluster
-    }
-
-    fn wait_until_every_member_is_up(&self, nodes: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = self.run(&["status", "--json"], None);
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                let members = v["members"].as_array().unwrap();
-                if members.len() == nodes && members.iter().all(|m| m["status"] == "up") {
-                    return;
-                }
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = (1..=nodes)
-                    .map(|i| {
-                        std::fs::read_to_string(self._dir.path().join(format!("n{i}.log")))
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                panic!(
-                    "cluster not up: {}\n{}\nlogs:\n{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr),
-                    logs.join("\n----\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Runs `dynamo ARGS --node <all nodes>`, feeding `stdin` if given.
-    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let nodes = self.client_addrs.join(",");
-        run_dynamo(args, &["--node", &nodes], stdin)
-    }
+/// A 3-node cluster whose members all see each other (the CLI routes by ring).
+fn cluster() -> Cluster {
+    let cluster = Cluster::start(3, &["--sync", "none"]);
+    cluster.wait_connected();
+    cluster
 }
 
 fn run_dynamo(args: &[&str], extra: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -181,53 +101,56 @@ fn context_line(s: &str) -> String {
 
 #[test]
 fn put_get_delete_status_and_failover() {
-    let cluster = Cluster::start(3);
+    let mut cluster = cluster();
 
     // status: text and JSON.
-    let out = cluster.run(&["status"], None);
+    let out = run(&cluster, &["status"], None);
     expect(&out, 0);
     let s = text(&out.stdout);
     assert!(
         s.contains("3 members") && s.contains("N=3 R=2 W=2 Q=256"),
         "{s}"
     );
-    for (i, addr) in cluster.client_addrs.iter().enumerate() {
+    for (i, addr) in (0..cluster.len())
+        .map(|i| cluster.client_addr(i).to_string())
+        .enumerate()
+    {
         assert!(
-            s.contains(&format!("n{}", i + 1)) && s.contains(addr),
+            s.contains(&format!("n{}", i + 1)) && s.contains(addr.as_str()),
             "{s}"
         );
     }
-    let out = cluster.run(&["status", "--json"], None);
+    let out = run(&cluster, &["status", "--json"], None);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["n"].as_u64(), v["q"].as_u64()), (Some(3), Some(256)));
 
     // A missing key: exit 1, message on stderr, nothing on stdout.
-    let out = cluster.run(&["get", "k"], None);
+    let out = run(&cluster, &["get", "k"], None);
     expect(&out, 1);
     assert!(out.stdout.is_empty());
     assert!(text(&out.stderr).contains("not found"));
 
     // put then get: the value alone on stdout, the context on stderr.
-    let out = cluster.run(&["put", "k", "hello"], None);
+    let out = run(&cluster, &["put", "k", "hello"], None);
     expect(&out, 0);
     let s = text(&out.stdout);
     assert!(s.starts_with("ok\n"), "{s}");
     context_line(&s);
-    let out = cluster.run(&["get", "k"], None);
+    let out = run(&cluster, &["get", "k"], None);
     expect(&out, 0);
     assert_eq!(out.stdout, b"hello");
     let token = context_line(&text(&out.stderr));
 
     // A blind put adds a sibling; get lists both, JSON too.
-    expect(&cluster.run(&["put", "k", "world", "--blind"], None), 0);
-    let out = cluster.run(&["get", "k"], None);
+    expect(&run(&cluster, &["put", "k", "world", "--blind"], None), 0);
+    let out = run(&cluster, &["get", "k"], None);
     expect(&out, 0);
     let s = text(&out.stdout);
     assert!(
         s.contains("sibling 1 of 2") && s.contains("hello") && s.contains("world"),
         "{s}"
     );
-    let out = cluster.run(&["get", "k", "--json"], None);
+    let out = run(&cluster, &["get", "k", "--json"], None);
     expect(&out, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let siblings = v["siblings"].as_array().unwrap();
@@ -236,10 +159,10 @@ fn put_get_delete_status_and_failover() {
 
     // A put with the first read's context replaces only "hello".
     expect(
-        &cluster.run(&["put", "k", "hola", "--context", &token], None),
+        &run(&cluster, &["put", "k", "hola", "--context", &token], None),
         0,
     );
-    let out = cluster.run(&["get", "k", "--json"], None);
+    let out = run(&cluster, &["get", "k", "--json"], None);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut values: Vec<&str> = v["siblings"]
         .as_array()
@@ -251,14 +174,14 @@ fn put_get_delete_status_and_failover() {
     assert_eq!(values, ["hola", "world"]);
 
     // A put without --context reads first and replaces what it read, from stdin.
-    let out = cluster.run(&["put", "k"], Some(b"resolved\x00\xff"));
+    let out = run(&cluster, &["put", "k"], Some(b"resolved\x00\xff"));
     expect(&out, 0);
     assert!(
         text(&out.stdout).contains("replaced 2 values"),
         "{}",
         text(&out.stdout)
     );
-    let out = cluster.run(&["get", "k"], None);
+    let out = run(&cluster, &["get", "k"], None);
     expect(&out, 0);
     assert_eq!(
         out.stdout, b"resolved\x00\xff",
@@ -268,7 +191,8 @@ fn put_get_delete_status_and_failover() {
     // --file, and JSON output of put.
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), b"from a file").unwrap();
-    let out = cluster.run(
+    let out = run(
+        &cluster,
         &[
             "put",
             "f",
@@ -284,38 +208,38 @@ fn put_get_delete_status_and_failover() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
     assert!(v["context"].as_str().is_some_and(|c| !c.is_empty()));
-    let out = cluster.run(&["get", "f", "--r", "3"], None);
+    let out = run(&cluster, &["get", "f", "--r", "3"], None);
     assert_eq!(out.stdout, b"from a file");
 
     // delete reads first; a second delete finds nothing (exit 1).
-    let out = cluster.run(&["delete", "k"], None);
+    let out = run(&cluster, &["delete", "k"], None);
     expect(&out, 0);
     assert!(
         text(&out.stdout).starts_with("deleted"),
         "{}",
         text(&out.stdout)
     );
-    expect(&cluster.run(&["get", "k"], None), 1);
-    let out = cluster.run(&["delete", "k"], None);
+    expect(&run(&cluster, &["get", "k"], None), 1);
+    let out = run(&cluster, &["delete", "k"], None);
     expect(&out, 1);
     assert!(text(&out.stderr).contains("not found"));
 
     // Errors: exit 2 with a message.
-    let out = cluster.run(&["get", "k", "--r", "9"], None);
+    let out = run(&cluster, &["get", "k", "--r", "9"], None);
     expect(&out, 2);
     assert!(
         text(&out.stderr).starts_with("error: "),
         "{}",
         text(&out.stderr)
     );
-    let out = cluster.run(&["put", "k", "v", "--context", "!!!"], None);
+    let out = run(&cluster, &["put", "k", "v", "--context", "!!!"], None);
     expect(&out, 2);
     assert!(
         text(&out.stderr).contains("--context"),
         "{}",
         text(&out.stderr)
     );
-    let dead = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let dead = format!("127.0.0.1:{}", common::free_ports(1)[0]);
     let out = run_dynamo(&["get", "k"], &["--node", &dead], None);
     expect(&out, 2);
     assert!(
@@ -327,11 +251,8 @@ fn put_get_delete_status_and_failover() {
     expect(&out, 2);
 
     // Failover: with n1 dead, a client that names it first still works.
-    let mut cluster = cluster;
-    let mut n1 = cluster.procs.0.remove(0);
-    n1.kill().unwrap();
-    n1.wait().unwrap();
-    let nodes = cluster.client_addrs.join(",");
+    cluster.kill9(0);
+    let nodes = nodes(&cluster);
     let out = run_dynamo(
         &["put", "after", "v2", "--blind"],
         &["--node", &nodes],

@@ -10,6 +10,7 @@
 //! replica acknowledges, and a coordinator counts its own copy, only once the
 //! shell calls [`Node::on_persisted`] for it.
 
+use crate::cache::ReadCache;
 use crate::membership::{HelloCheck, Member, Membership};
 use crate::quorum;
 use crate::ring::RingError;
@@ -46,6 +47,8 @@ pub struct Config {
     pub versioning: Versioning,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// Bound on the read cache's estimated size in bytes (0 turns it off).
+    pub cache_bytes: usize,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             versioning: Versioning::Dvv,
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
+            cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -182,8 +186,11 @@ pub struct Node {
     membership: Membership,
     store: Box<dyn LocalStore + Send>,
     hlc: HlcClock,
-    /// Writes handed to the shell and not yet reported durable: reads see them.
-    unsynced: BTreeMap<(u32, Vec<u8>), (DvvSet, u64)>,
+    /// Writes handed to the shell and not yet reported durable, by partition
+    /// and key, with the newest persist id: reads see them first.
+    unsynced: BTreeMap<u32, BTreeMap<Vec<u8>, (DvvSet, u64)>>,
+    /// Recently read or persisted sets, exactly as the store holds them.
+    cache: ReadCache,
     persist_waiters: BTreeMap<u64, (u32, Vec<u8>, PersistWaiter)>,
     next_persist: u64,
     next_req: u64,
@@ -225,6 +232,7 @@ impl Node {
         let (w, warn_w) = quorum::clamp_default("W", config.w, n);
         warnings.extend(warn_r);
         warnings.extend(warn_w);
+        let cache = ReadCache::new(config.cache_bytes);
         Ok(Node {
             config,
             n,
@@ -235,6 +243,7 @@ impl Node {
             store,
             hlc: HlcClock::default(),
             unsynced: BTreeMap::new(),
+            cache,
             persist_waiters: BTreeMap::new(),
             next_persist: 1,
             next_req: 1,
@@ -421,11 +430,16 @@ impl Node {
         let Some((partition, key, waiter)) = self.persist_waiters.remove(&id) else {
             return;
         };
-        let slot = (partition, key);
         if error.is_none() {
-            if let Some((_, latest)) = self.unsynced.get(&slot) {
-                if *latest == id {
-                    self.unsynced.remove(&slot);
+            // The newest write of the key is durable: the store now holds it,
+            // so it moves from the overlay to the cache.
+            if let Some(slot) = self.unsynced.get_mut(&partition) {
+                if slot.get(&key).is_some_and(|(_, latest)| *latest == id) {
+                    let (set, _) = slot.remove(&key).expect("checked above");
+                    if slot.is_empty() {
+                        self.unsynced.remove(&partition);
+                    }
+                    self.cache.insert(partition, key, Some(set));
                 }
             }
         } else {
@@ -832,7 +846,9 @@ impl Node {
         let id = self.next_persist;
         self.next_persist += 1;
         self.unsynced
-            .insert((partition, key.clone()), (set.clone(), id));
+            .entry(partition)
+            .or_default()
+            .insert(key.clone(), (set.clone(), id));
         self.persist_waiters
             .insert(id, (partition, key.clone(), waiter));
         self.outputs.push_back(Output::Persist(PersistRequest {
@@ -843,12 +859,18 @@ impl Node {
         }));
     }
 
-    /// The local copy of a key: the newest unpersisted write, else the store's.
-    fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
-        if let Some((set, _)) = self.unsynced.get(&(partition, key.to_vec())) {
+    /// The local copy of a key: the newest unpersisted write, else the store's
+    /// (from the cache when it has the key).
+    fn load(&mut self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
+        if let Some((set, _)) = self.unsynced.get(&partition).and_then(|s| s.get(key)) {
             return Ok(Some(set.clone()));
         }
-        self.store.load(partition, key).map_err(|e| e.to_string())
+        if let Some(set) = self.cache.get(partition, key) {
+            return Ok(set.clone());
+        }
+        let set = self.store.load(partition, key).map_err(|e| e.to_string())?;
+        self.cache.insert(partition, key.to_vec(), set.clone());
+        Ok(set)
     }
 
     // ---- plumbing -----------------------------------------------------------
@@ -960,7 +982,10 @@ impl std::fmt::Debug for Node {
             .field("id", &self.config.node)
             .field("actor", &self.actor)
             .field("pending", &self.pending.len())
-            .field("unsynced", &self.unsynced.len())
+            .field(
+                "unsynced",
+                &self.unsynced.values().map(BTreeMap::len).sum::<usize>(),
+            )
             .finish()
     }
 }

@@ -5,7 +5,6 @@
 //! randomness, does I/O or depends on std's randomly seeded hash order: the
 //! simulator and the production node run this very code.
 
-mod cache;
 pub mod membership;
 pub mod node;
 pub mod quorum;
@@ -13,7 +12,6 @@ pub mod ring;
 pub mod store;
 pub mod version;
 
-pub use cache::DEFAULT_CACHE_BYTES;
 pub use membership::{HelloCheck, Member};
 pub use node::{ClientId, Config, ConfigError, Millis, Node, Output, PersistRequest};
 pub use store::{LocalStore, StoreError};

@@ -10,7 +10,6 @@
 //! replica acknowledges, and a coordinator counts its own copy, only once the
 //! shell calls [`Node::on_persisted`] for it.
 
-use crate::cache::ReadCache;
 use crate::membership::{HelloCheck, Member, Membership};
 use crate::quorum;
 use crate::ring::RingError;
@@ -47,8 +46,6 @@ pub struct Config {
     pub versioning: Versioning,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
-    /// Bound on the read cache's estimated size in bytes (0 turns it off).
-    pub cache_bytes: usize,
 }
 
 impl Config {
@@ -66,7 +63,6 @@ impl Config {
             versioning: Versioning::Dvv,
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
-            cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -189,8 +185,6 @@ pub struct Node {
     /// Writes handed to the shell and not yet reported durable, by partition
     /// and key, with the newest persist id: reads see them first.
     unsynced: BTreeMap<u32, BTreeMap<Vec<u8>, (DvvSet, u64)>>,
-    /// Recently read or persisted sets, exactly as the store holds them.
-    cache: ReadCache,
     persist_waiters: BTreeMap<u64, (u32, Vec<u8>, PersistWaiter)>,
     next_persist: u64,
     next_req: u64,
@@ -232,7 +226,6 @@ impl Node {
         let (w, warn_w) = quorum::clamp_default("W", config.w, n);
         warnings.extend(warn_r);
         warnings.extend(warn_w);
-        let cache = ReadCache::new(config.cache_bytes);
         Ok(Node {
             config,
             n,
@@ -243,7 +236,6 @@ impl Node {
             store,
             hlc: HlcClock::default(),
             unsynced: BTreeMap::new(),
-            cache,
             persist_waiters: BTreeMap::new(),
             next_persist: 1,
             next_req: 1,
@@ -431,15 +423,13 @@ impl Node {
             return;
         };
         if error.is_none() {
-            // The newest write of the key is durable: the store now holds it,
-            // so it moves from the overlay to the cache.
+            // The newest write of the key is durable: the store now has it.
             if let Some(slot) = self.unsynced.get_mut(&partition) {
                 if slot.get(&key).is_some_and(|(_, latest)| *latest == id) {
-                    let (set, _) = slot.remove(&key).expect("checked above");
+                    slot.remove(&key);
                     if slot.is_empty() {
                         self.unsynced.remove(&partition);
                     }
-                    self.cache.insert(partition, key, Some(set));
                 }
             }
         } else {
@@ -859,18 +849,12 @@ impl Node {
         }));
     }
 
-    /// The local copy of a key: the newest unpersisted write, else the store's
-    /// (from the cache when it has the key).
-    fn load(&mut self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
+    /// The local copy of a key: the newest unpersisted write, else the store's.
+    fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
         if let Some((set, _)) = self.unsynced.get(&partition).and_then(|s| s.get(key)) {
             return Ok(Some(set.clone()));
         }
-        if let Some(set) = self.cache.get(partition, key) {
-            return Ok(set.clone());
-        }
-        let set = self.store.load(partition, key).map_err(|e| e.to_string())?;
-        self.cache.insert(partition, key.to_vec(), set.clone());
-        Ok(set)
+        self.store.load(partition, key).map_err(|e| e.to_string())
     }
 
     // ---- plumbing -----------------------------------------------------------

@@ -606,7 +606,7 @@ mod tests {
                 };
                 recorded.lock().unwrap().push(request.clone());
                 if let Some(answer) = answer(&request) {
-                    let _ = reply.send(answer);
+                    reply.send(answer);
                 }
             }
         });

@@ -434,7 +434,7 @@ mod tests {
                             "not in the fake".into(),
                         )),
                     };
-                    let _ = reply.send(answer);
+                    reply.send(answer);
                 });
             }
         });

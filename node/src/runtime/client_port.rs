@@ -68,12 +68,8 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
             match codec.decode::<ClientEnvelope>(&buf) {
                 Ok(Some((env, used))) => {
                     buf.drain(..used);
-                    let handle = handle.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let reply = handle.request(env.request).await;
-                        let _ = tx.send(ClientReplyEnvelope { id: env.id, reply });
-                    });
+                    // The core answers straight into the writer's channel.
+                    handle.submit_to(env.request, &tx, env.id);
                 }
                 Ok(None) => break,
                 Err(e) => {

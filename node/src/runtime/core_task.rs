@@ -6,14 +6,14 @@
 //! writes to the storage worker. It makes no protocol decision of its own.
 
 use super::clock::Clock;
-use super::handle::Event;
+use super::handle::{shutting_down, Event, ReplyTo};
 use super::peers::PeerSenders;
 use crate::storage::StorageWorker;
 use dynamo_core::{ClientId, Node, Output};
-use dynamo_proto::{ClientEnvelope, ClientError, ClientReply};
+use dynamo_proto::ClientEnvelope;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Every front-end request travels under this one client id; the envelope id
 /// (unique per node) tells replies apart.
@@ -35,7 +35,7 @@ impl CoreTask {
     /// are refused, in-flight ones finish (or time out in the core), then it
     /// returns the node so the caller can see its final state.
     pub async fn run(mut self) -> Node {
-        let mut waiting: BTreeMap<u64, oneshot::Sender<ClientReply>> = BTreeMap::new();
+        let mut waiting: BTreeMap<u64, ReplyTo> = BTreeMap::new();
         let mut next_id: u64 = 1;
         let mut draining = false;
         loop {
@@ -62,11 +62,7 @@ impl CoreTask {
                 Some(event) = self.events.recv() => {
                     let now = self.clock.now_ms();
                     match event {
-                        Event::Client { reply, .. } if draining => {
-                            let _ = reply.send(ClientReply::Error(ClientError::Unavailable(
-                                "the node is shutting down; retry on another node".into(),
-                            )));
-                        }
+                        Event::Client { reply, .. } if draining => reply.send(shutting_down()),
                         Event::Client { request, reply } => {
                             let id = next_id;
                             next_id += 1;
@@ -95,17 +91,18 @@ impl CoreTask {
                 match output {
                     Output::Peer { to, msg } => self.peers.send(&to, msg),
                     Output::Reply { id, reply, .. } => {
-                        if let Some(tx) = waiting.remove(&id) {
-                            // The front end may have gone away; nothing to do then.
-                            let _ = tx.send(reply);
+                        if let Some(to) = waiting.remove(&id) {
+                            to.send(reply);
                         }
                     }
                     Output::Persist(request) => self.storage.submit(request),
                 }
             }
         }
-        // Dropping the senders answers every waiting front end with "shutting down".
-        drop(waiting);
+        // Every front end still waiting hears "shutting down".
+        for (_, to) in waiting {
+            to.send(shutting_down());
+        }
         self.node
     }
 }

@@ -1,7 +1,7 @@
 //! The handle every client front end (binary protocol, HTTP, CLI-in-process,
 //! simulator clients) uses to submit requests to the node's core task.
 
-use dynamo_proto::{ClientError, ClientReply, ClientRequest};
+use dynamo_proto::{ClientError, ClientReply, ClientReplyEnvelope, ClientRequest};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,12 +15,39 @@ pub struct NodeInfo {
     pub max_frame_bytes: usize,
 }
 
+/// Where the core task sends a client request's answer.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// A front end awaiting this one answer ([`CoreHandle::request`]).
+    Once(oneshot::Sender<ClientReply>),
+    /// Straight into a connection's writer, under the connection's request id:
+    /// no task and no extra wakeup per request.
+    Conn {
+        tx: mpsc::UnboundedSender<ClientReplyEnvelope>,
+        id: u64,
+    },
+}
+
+impl ReplyTo {
+    /// Delivers the answer; a front end that went away is no one's concern.
+    pub fn send(self, reply: ClientReply) {
+        match self {
+            ReplyTo::Once(tx) => {
+                let _ = tx.send(reply);
+            }
+            ReplyTo::Conn { tx, id } => {
+                let _ = tx.send(ClientReplyEnvelope { id, reply });
+            }
+        }
+    }
+}
+
 /// Events the core task consumes. Front ends only ever send `Client`.
 #[derive(Debug)]
 pub(crate) enum Event {
     Client {
         request: ClientRequest,
-        reply: oneshot::Sender<ClientReply>,
+        reply: ReplyTo,
     },
     Peer {
         from: dynamo_proto::NodeId,
@@ -47,14 +74,32 @@ impl CoreHandle {
     /// shutting down it resolves at once with `Unavailable`.
     pub async fn request(&self, request: ClientRequest) -> ClientReply {
         let (reply, rx) = oneshot::channel();
+        let reply = ReplyTo::Once(reply);
         if self.events.send(Event::Client { request, reply }).is_err() {
             return shutting_down();
         }
         rx.await.unwrap_or_else(|_| shutting_down())
     }
+
+    /// Submits a request whose answer goes to `tx` as `ClientReplyEnvelope { id, .. }`
+    /// (at once, with `Unavailable`, if the node is shutting down).
+    pub(crate) fn submit_to(
+        &self,
+        request: ClientRequest,
+        tx: &mpsc::UnboundedSender<ClientReplyEnvelope>,
+        id: u64,
+    ) {
+        let reply = ReplyTo::Conn { tx: tx.clone(), id };
+        if self.events.send(Event::Client { request, reply }).is_err() {
+            let _ = tx.send(ClientReplyEnvelope {
+                id,
+                reply: shutting_down(),
+            });
+        }
+    }
 }
 
-fn shutting_down() -> ClientReply {
+pub(crate) fn shutting_down() -> ClientReply {
     ClientReply::Error(ClientError::Unavailable(
         "the node is shutting down; retry on another node".into(),
     ))

@@ -33,6 +33,8 @@ DURATION=${BENCH_DURATION:-12s}
 REDIS_N=${BENCH_REDIS_REQUESTS:-200000}
 WRK_DURATION=${BENCH_WRK_DURATION:-10s}
 CONCURRENCY=50
+# Pipelined connections per node that dynamo bench's workers share.
+CONNECTIONS=2
 OPEN_LOOP_FRACTION=0.7
 
 START_EPOCH=$(date +%s)
@@ -377,8 +379,8 @@ json_field() {
 run_dynamo_bench() { # name concurrency, then more dynamo bench flags
     local name=$1 workers=$2 cmd
     shift 2
-    cmd=("$DYNAMO" bench --node "$NODES" --concurrency "$workers" --duration "$DURATION"
-        --no-progress --json "$WORK/results/$name.json" "$@")
+    cmd=("$DYNAMO" bench --node "$NODES" --concurrency "$workers" --connections "$CONNECTIONS"
+        --duration "$DURATION" --no-progress --json "$WORK/results/$name.json" "$@")
     record "${cmd[@]}"
     log "dynamo bench $name: $*"
     run_load 600 "$WORK/results/$name.txt" "${cmd[@]}" ||
@@ -586,6 +588,11 @@ Notes:
   against Redis and against node 1's RESP listener alike.
 - \`dynamo bench\` sends every request to a primary of its key (\`--node\` lists all three
   nodes); puts are blind overwrites; the 50%-read runs \`--prefill\` every key first.
+  Its workers share $CONNECTIONS pipelined connections per node (replies matched by id, as
+  etcd's own gRPC clients multiplex over one HTTP/2 connection); redis-benchmark and
+  wrk keep 50 connections with one request in flight on each.
+- \`dynamo dev\` gives each of the 3 nodes an even share of the cores as tokio worker
+  threads (\`--worker-threads $(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))\` here).
 - The open loop schedules $RATE ops/s ($OPEN_LOOP_FRACTION x the 100 B closed-loop
   throughput) with $((2 * CONCURRENCY)) workers and measures each operation's latency from its
   scheduled start.

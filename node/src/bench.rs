@@ -1,9 +1,10 @@
 //! `dynamo bench`: a load generator for a running cluster over the binary client
 //! protocol.
 //!
-//! `--concurrency` workers each keep one connection per node and send every
-//! request straight to the first (up) primary of its key, found from the ring the
-//! cluster reports once at start ([`Router`]). Keys are `bench:<index>`, drawn
+//! `--concurrency` workers send every request straight to the first (up)
+//! primary of its key, found from the ring the cluster reports once at start
+//! ([`Router`]), over `--connections` pipelined connections per node that all
+//! workers share ([`ConnPool`], [`SharedConnection`]). Keys are `bench:<index>`, drawn
 //! uniformly or from a Zipfian distribution ([`Zipfian`], theta 0.99) by a seeded
 //! rng per worker.
 //!
@@ -27,7 +28,7 @@
 //! SVG plot of p50/p99 and throughput over time (`--svg`).
 
 use crate::cli::EXIT_OK;
-use crate::client::{Client, ClientIoError, ClientOptions, Connection, RingRoute};
+use crate::client::{Client, ClientIoError, ClientOptions, RingRoute, SharedConnection};
 use anyhow::{bail, Context as _};
 use dynamo_core::ring::Ring;
 use dynamo_proto::{ClientError, ClientReply, ClientRequest, WriteMode};
@@ -94,9 +95,15 @@ pub struct BenchArgs {
         default_value = "127.0.0.1:7100"
     )]
     pub nodes: Vec<String>,
-    /// Concurrent workers, each with its own connection to every node.
+    /// Concurrent workers (operations in flight).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
+    /// Connections to each node, shared by the workers: each request is
+    /// pipelined on one of them and its reply matched by id, as drivers that
+    /// multiplex (gRPC, Cassandra's) do. Set it to the concurrency for one
+    /// connection per worker, as a client without pipelining has.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub connections: u32,
     /// Size of the key space (keys bench:0000000000 ...).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub keys: u64,
@@ -535,50 +542,86 @@ impl Router {
     }
 }
 
-/// One worker's view of the cluster: a connection per node, opened on demand.
-pub struct ClusterTarget {
-    router: Arc<Router>,
-    conns: Vec<Option<Connection>>,
-    value: Vec<u8>,
-    r: Option<u8>,
-    w: Option<u8>,
+/// The connections every worker shares: `per_node` pipelined connections to
+/// each node, opened on demand and reopened once broken. Worker `w` uses slot
+/// `w % per_node` on every node.
+pub struct ConnPool {
+    addrs: Vec<String>,
+    slots: Vec<Vec<tokio::sync::Mutex<Option<SharedConnection>>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
 
-impl ClusterTarget {
-    pub fn new(
-        router: Arc<Router>,
-        value: Vec<u8>,
-        r: Option<u8>,
-        w: Option<u8>,
-        request_timeout: Duration,
-    ) -> ClusterTarget {
-        let n = router.addrs().len();
-        ClusterTarget {
-            router,
-            conns: (0..n).map(|_| None).collect(),
-            value,
-            r,
-            w,
+impl ConnPool {
+    pub fn new(addrs: &[String], per_node: usize, request_timeout: Duration) -> ConnPool {
+        ConnPool {
+            addrs: addrs.to_vec(),
+            slots: addrs
+                .iter()
+                .map(|_| (0..per_node.max(1)).map(|_| Default::default()).collect())
+                .collect(),
             connect_timeout: request_timeout.min(Duration::from_secs(1)),
             request_timeout,
         }
     }
 
-    async fn connection(&mut self, i: usize) -> Result<&mut Connection, ClientIoError> {
-        if self.conns[i].is_none() {
-            let conn = Connection::connect(&self.router.addrs()[i], self.connect_timeout).await?;
-            self.conns[i] = Some(conn.with_request_timeout(self.request_timeout));
-        }
-        Ok(self.conns[i].as_mut().expect("just opened"))
+    /// Connections per node.
+    pub fn per_node(&self) -> usize {
+        self.slots.first().map_or(1, Vec::len)
     }
 
-    /// Opens a connection to every node; the number that opened.
+    /// The connection in `slot` to node `node`, opening it if needed.
+    async fn get(&self, node: usize, slot: usize) -> Result<SharedConnection, ClientIoError> {
+        let slots = &self.slots[node];
+        let mut held = slots[slot % slots.len()].lock().await;
+        if let Some(conn) = held.as_ref().filter(|c| !c.is_broken()) {
+            return Ok(conn.clone());
+        }
+        let conn = SharedConnection::connect(
+            &self.addrs[node],
+            self.connect_timeout,
+            self.request_timeout,
+        )
+        .await?;
+        *held = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// One worker's view of the cluster: its slot in the shared [`ConnPool`].
+pub struct ClusterTarget {
+    router: Arc<Router>,
+    pool: Arc<ConnPool>,
+    slot: usize,
+    value: Vec<u8>,
+    r: Option<u8>,
+    w: Option<u8>,
+}
+
+impl ClusterTarget {
+    pub fn new(
+        router: Arc<Router>,
+        pool: Arc<ConnPool>,
+        slot: usize,
+        value: Vec<u8>,
+        r: Option<u8>,
+        w: Option<u8>,
+    ) -> ClusterTarget {
+        ClusterTarget {
+            router,
+            pool,
+            slot,
+            value,
+            r,
+            w,
+        }
+    }
+
+    /// Opens this worker's connection to every node; the number that opened.
     pub async fn connect_all(&mut self) -> usize {
         let mut ok = 0;
-        for i in 0..self.conns.len() {
-            if self.connection(i).await.is_ok() {
+        for node in 0..self.router.addrs().len() {
+            if self.pool.get(node, self.slot).await.is_ok() {
                 ok += 1;
             }
         }
@@ -587,7 +630,7 @@ impl ClusterTarget {
 
     async fn run(&mut self, op: Op) -> Outcome {
         let key = key_bytes(op.key);
-        let n = self.conns.len();
+        let n = self.router.addrs().len();
         let first = self.router.route(&key);
         let request = match op.kind {
             OpKind::Read => ClientRequest::Get { key, r: self.r },
@@ -604,7 +647,7 @@ impl ClusterTarget {
         let mut last_error = None;
         for step in 0..n {
             let i = (first + step) % n;
-            let conn = match self.connection(i).await {
+            let conn = match self.pool.get(i, self.slot).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     last_error = Some(e);
@@ -613,14 +656,11 @@ impl ClusterTarget {
             };
             return match conn.call(request).await {
                 Ok(reply) => classify_reply(reply),
-                Err(e) => {
-                    // The connection's state is unknown after an error.
-                    self.conns[i] = None;
-                    Outcome::Failed {
-                        kind: ErrorKind::Io,
-                        message: e.to_string(),
-                    }
-                }
+                // A broken connection is reopened by the next request.
+                Err(e) => Outcome::Failed {
+                    kind: ErrorKind::Io,
+                    message: e.to_string(),
+                },
             };
         }
         tokio::time::sleep(CONNECT_FAIL_PAUSE).await;
@@ -1679,8 +1719,9 @@ impl BenchArgs {
             Stop::Requests(n) => format!("{n} requests"),
         };
         format!(
-            "{} workers, {pacing}, {} keys {}, {}-byte values, read ratio {}, {length} after {:.3}s warmup{}, seed {}",
+            "{} workers on {} shared connections per node, {pacing}, {} keys {}, {}-byte values, read ratio {}, {length} after {:.3}s warmup{}, seed {}",
             self.concurrency,
+            self.connections.min(self.concurrency),
             self.keys,
             self.distribution.name(),
             self.value_size,
@@ -1697,6 +1738,7 @@ impl BenchArgs {
             "routing": if router.routes_by_ring() { "ring" } else { "hash" },
             "cluster": router.quorums,
             "concurrency": self.concurrency,
+            "connections_per_node": self.connections.min(self.concurrency),
             "keys": self.keys,
             "distribution": self.distribution.name(),
             "zipf_theta": (self.distribution == Distribution::Zipfian).then_some(ZIPF_THETA),
@@ -1746,9 +1788,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
 
     let mut value = vec![0u8; args.value_size];
     ChaCha8Rng::seed_from_u64(args.seed).fill(&mut value[..]);
+    let per_node = args.connections.min(args.concurrency) as usize;
+    let pool = Arc::new(ConnPool::new(router.addrs(), per_node, timeout));
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let mut target = ClusterTarget::new(router.clone(), value.clone(), args.r, args.w, timeout);
+    for worker in 0..args.concurrency as usize {
+        let mut target = ClusterTarget::new(
+            router.clone(),
+            pool.clone(),
+            worker,
+            value.clone(),
+            args.r,
+            args.w,
+        );
         tasks.push(tokio::spawn(async move {
             let n = target.connect_all().await;
             (n, target)

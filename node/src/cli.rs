@@ -64,6 +64,19 @@ pub enum Command {
 }
 
 impl Command {
+    /// The runtime's worker threads this command asks for (`None`: one per
+    /// core). Only a server has a setting; a bad configuration is reported
+    /// when the server resolves it again.
+    pub fn worker_threads(&self) -> Option<usize> {
+        match self {
+            #[cfg(not(madsim))]
+            Command::Server(args) => crate::config::ServerConfig::resolve(args)
+                .ok()
+                .and_then(|c| c.worker_threads),
+            _ => None,
+        }
+    }
+
     /// Long-running commands log at `info` by default; client commands at `warn`.
     pub fn default_log_level(&self) -> &'static str {
         match self {

@@ -189,23 +189,7 @@ impl Connection {
     /// codec's default payload cap ([`DEFAULT_MAX_PAYLOAD`]); see
     /// [`Connection::with_max_frame`].
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Connection, ClientIoError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => {
-                return Err(ClientIoError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(ClientIoError::ConnectTimeout {
-                    addr: addr.to_string(),
-                    ms: timeout.as_millis() as u64,
-                })
-            }
-        };
-        // Requests are small and latency matters more than packet count.
-        let _ = stream.set_nodelay(true);
+        let stream = open_stream(addr, timeout).await?;
         Ok(Connection {
             addr: addr.to_string(),
             stream,
@@ -305,6 +289,276 @@ impl Connection {
             }
         }
     }
+}
+
+/// Opens a TCP connection to `addr` within `timeout`, with Nagle off (requests
+/// are small and latency matters more than packet count).
+async fn open_stream(addr: &str, timeout: Duration) -> Result<TcpStream, ClientIoError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(ClientIoError::Connect {
+                addr: addr.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ClientIoError::ConnectTimeout {
+                addr: addr.to_string(),
+                ms: timeout.as_millis() as u64,
+            })
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Requests written to a [`SharedConnection`] per write call at most.
+const SHARED_WRITE_BATCH: usize = 256;
+
+/// One TCP connection that many tasks use at once: requests are pipelined (the
+/// writer sends whatever is queued in one write) and replies are matched to
+/// their callers by id, in whatever order the server answers. Under load this
+/// turns many small writes and reads into few large ones, on both ends, as
+/// drivers for Cassandra's native protocol do with stream ids.
+///
+/// Cheap to clone; every clone is the same connection. Once the connection
+/// breaks, every request waiting on it fails and later calls fail at once:
+/// check [`SharedConnection::is_broken`] and open a new one.
+#[derive(Clone)]
+pub struct SharedConnection {
+    addr: std::sync::Arc<str>,
+    requests: tokio::sync::mpsc::UnboundedSender<ClientEnvelope>,
+    state: std::sync::Arc<Mutex<SharedState>>,
+    request_timeout: Duration,
+}
+
+type ReplySender = tokio::sync::oneshot::Sender<Result<ClientReply, ClientIoError>>;
+
+#[derive(Default)]
+struct SharedState {
+    next_id: u64,
+    waiting: BTreeMap<u64, ReplySender>,
+    /// Why the connection broke, once it has.
+    broken: Option<String>,
+}
+
+impl SharedState {
+    /// Marks the connection broken and fails every waiting request.
+    fn fail_all(&mut self, addr: &str, reason: String) {
+        if self.broken.is_none() {
+            self.broken = Some(reason.clone());
+        }
+        for (_, tx) in std::mem::take(&mut self.waiting) {
+            let _ = tx.send(Err(ClientIoError::Io {
+                addr: addr.to_string(),
+                source: std::io::Error::other(reason.clone()),
+            }));
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConnection")
+            .field("addr", &self.addr)
+            .field("broken", &self.is_broken())
+            .finish()
+    }
+}
+
+impl SharedConnection {
+    /// Opens the connection (giving up after `connect_timeout`) and starts its
+    /// writer and reader tasks; they end when every clone is dropped or the
+    /// connection breaks.
+    pub async fn connect(
+        addr: &str,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<SharedConnection, ClientIoError> {
+        let stream = open_stream(addr, connect_timeout).await?;
+        let (reader, writer) = tokio::io::split(stream);
+        let (requests, queue) = tokio::sync::mpsc::unbounded_channel();
+        let state = std::sync::Arc::new(Mutex::new(SharedState {
+            next_id: 1,
+            ..SharedState::default()
+        }));
+        let addr: std::sync::Arc<str> = addr.into();
+        let codec = FrameCodec::default();
+        tokio::spawn(shared_writer(
+            writer,
+            queue,
+            codec,
+            addr.clone(),
+            state.clone(),
+        ));
+        tokio::spawn(shared_reader(reader, codec, addr.clone(), state.clone()));
+        Ok(SharedConnection {
+            addr,
+            requests,
+            state,
+            request_timeout,
+        })
+    }
+
+    /// The address this connection was opened to, as given.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// True once the connection has failed; every call fails from then on.
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one request and waits for its reply (or the request timeout).
+    pub async fn call(&self, request: ClientRequest) -> Result<ClientReply, ClientIoError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = {
+            let mut state = self.lock();
+            if let Some(reason) = &state.broken {
+                // Nothing was written for this request.
+                return Err(ClientIoError::Send {
+                    addr: self.addr.to_string(),
+                    source: std::io::Error::other(reason.clone()),
+                });
+            }
+            let id = state.next_id;
+            state.next_id += 1;
+            state.waiting.insert(id, tx);
+            id
+        };
+        if self.requests.send(ClientEnvelope { id, request }).is_err() {
+            self.lock().waiting.remove(&id);
+            return Err(ClientIoError::Closed {
+                addr: self.addr.to_string(),
+            });
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientIoError::Closed {
+                addr: self.addr.to_string(),
+            }),
+            Err(_) => {
+                self.lock().waiting.remove(&id);
+                Err(ClientIoError::Timeout {
+                    addr: self.addr.to_string(),
+                    ms: self.request_timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+}
+
+async fn shared_writer<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: W,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<ClientEnvelope>,
+    codec: FrameCodec,
+    addr: std::sync::Arc<str>,
+    state: std::sync::Arc<Mutex<SharedState>>,
+) {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    while let Some(first) = queue.recv().await {
+        buf.clear();
+        let mut next = Some(first);
+        let mut count = 0;
+        while let Some(envelope) = next {
+            if let Err(e) = codec.encode_into(&envelope, &mut buf) {
+                // Only this request fails; nothing of it was written.
+                let waiter = state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .waiting
+                    .remove(&envelope.id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(Err(ClientIoError::Encode(e)));
+                }
+            }
+            count += 1;
+            next = if count < SHARED_WRITE_BATCH {
+                queue.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        let written = match writer.write_all(&buf).await {
+            Ok(()) => writer.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            // Some of the batch may have reached the server: the waiting
+            // requests' outcome is unknown.
+            state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fail_all(&addr, format!("writing failed: {e}"));
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn shared_reader<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: R,
+    codec: FrameCodec,
+    addr: std::sync::Arc<str>,
+    state: std::sync::Arc<Mutex<SharedState>>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let reason = loop {
+        let mut start = 0;
+        let mut failed = None;
+        loop {
+            match codec.decode::<ClientReplyEnvelope>(&buf[start..]) {
+                Ok(Some((envelope, used))) => {
+                    start += used;
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    match st.waiting.remove(&envelope.id) {
+                        Some(tx) => {
+                            drop(st);
+                            let _ = tx.send(Ok(envelope.reply));
+                        }
+                        // Id 0 is the server's "your frame was malformed"; it
+                        // closes the connection next.
+                        None if envelope.id == 0 => {
+                            failed =
+                                Some(format!("the server refused a frame: {:?}", envelope.reply));
+                            break;
+                        }
+                        // A reply its caller stopped waiting for (timed out).
+                        None => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(format!("bad frame from the server: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = failed {
+            break reason;
+        }
+        buf.drain(..start);
+        buf.reserve(64 * 1024);
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break "the server closed the connection".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("reading failed: {e}"),
+        }
+    };
+    state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .fail_all(&addr, reason);
 }
 
 /// Tunables of a [`Client`].
@@ -1221,6 +1475,110 @@ mod tests {
             assert!(!client.routes_by_ring());
             assert_eq!(client.candidates_for(b"k")[0], live_addr);
             client.get(b"k", Some(1)).await.unwrap();
+        }
+
+        /// Reads whatever requests have arrived and answers them in reverse
+        /// order, each get with its own key as the value; a get of "silent" is
+        /// never answered and a get of "close" closes the connection.
+        async fn serve_reversed(listener: TcpListener) {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let codec = FrameCodec::default();
+            let mut buf = Vec::new();
+            loop {
+                buf.reserve(4096);
+                match stream.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let mut batch = Vec::new();
+                while let Ok(Some((env, used))) = codec.decode::<ClientEnvelope>(&buf) {
+                    buf.drain(..used);
+                    batch.push(env);
+                }
+                let mut out = Vec::new();
+                for env in batch.into_iter().rev() {
+                    let ClientRequest::Get { key, .. } = env.request else {
+                        continue;
+                    };
+                    match key.as_slice() {
+                        b"silent" => continue,
+                        b"close" => return,
+                        _ => {}
+                    }
+                    let sibling = dynamo_proto::Sibling {
+                        value: Some(key),
+                        timestamp: Default::default(),
+                    };
+                    let dot = Dot {
+                        actor: dynamo_proto::Actor {
+                            incarnation: 1,
+                            epoch: 1,
+                        },
+                        counter: 1,
+                    };
+                    let reply = ClientReply::Get(GetReply {
+                        siblings: vec![(dot, sibling)],
+                        context: Context::default(),
+                    });
+                    codec
+                        .encode_into(&ClientReplyEnvelope { id: env.id, reply }, &mut out)
+                        .unwrap();
+                }
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        }
+
+        fn get(key: &str) -> ClientRequest {
+            ClientRequest::Get {
+                key: key.as_bytes().to_vec(),
+                r: None,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_shared_connection_matches_out_of_order_replies_to_their_callers() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(serve_reversed(listener));
+            let conn = SharedConnection::connect(
+                &addr,
+                Duration::from_secs(1),
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap();
+            let calls: Vec<_> = (0..40)
+                .map(|i| {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { (i, conn.call(get(&format!("k{i}"))).await) })
+                })
+                .collect();
+            for call in calls {
+                let (i, reply) = call.await.unwrap();
+                let Ok(ClientReply::Get(read)) = reply else {
+                    panic!("call {i}: {reply:?}");
+                };
+                let values: Vec<&[u8]> = read.values().collect();
+                assert_eq!(values, vec![format!("k{i}").as_bytes()], "call {i}");
+            }
+
+            // A request the server never answers times out alone.
+            let err = conn.call(get("silent")).await.unwrap_err();
+            assert!(matches!(err, ClientIoError::Timeout { .. }), "{err}");
+            assert!(!conn.is_broken());
+            assert!(conn.call(get("after")).await.is_ok());
+
+            // A connection the server closes fails what waits on it, then
+            // every later call at once, without sending it.
+            let err = conn.call(get("close")).await.unwrap_err();
+            assert!(!err.nothing_sent(), "the request was sent: {err}");
+            assert!(conn.is_broken());
+            let err = conn.call(get("later")).await.unwrap_err();
+            assert!(err.nothing_sent(), "{err}");
         }
 
         #[tokio::test]

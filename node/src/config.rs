@@ -72,6 +72,11 @@ pub struct ServerArgs {
     /// dvv (siblings) | lww (last write wins; can drop concurrent writes). [default: dvv]
     #[arg(long, env = "DYNAMO_VERSIONING")]
     pub versioning: Option<String>,
+    /// Threads that run the node's tasks. Several nodes sharing one machine
+    /// run better with a share of its cores each (`dynamo dev` does that).
+    /// [default: one per core]
+    #[arg(long, env = "DYNAMO_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// The same settings as they may appear in the TOML file.
@@ -96,6 +101,7 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     max_siblings: Option<usize>,
     versioning: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 /// A peer named on the command line or in the file.
@@ -146,6 +152,8 @@ pub struct ServerConfig {
     pub max_siblings: usize,
     #[serde(serialize_with = "debug_lower")]
     pub versioning: Versioning,
+    /// Runtime worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -232,6 +240,7 @@ impl ServerConfig {
             max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
             max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
             versioning,
+            worker_threads: args.worker_threads.or(file.worker_threads),
         };
         config.validate()?;
         Ok(config)
@@ -272,6 +281,9 @@ impl ServerConfig {
         }
         if self.max_siblings == 0 {
             bail!("--max-siblings must be at least 1");
+        }
+        if self.worker_threads == Some(0) {
+            bail!("--worker-threads must be at least 1");
         }
         Ok(())
     }
@@ -314,6 +326,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("data/n1"));
         assert_eq!(c.http_addr.as_deref(), Some("127.0.0.1:8080"));
         assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
+        assert_eq!(c.worker_threads, None, "one worker thread per core");
     }
 
     #[test]
@@ -342,7 +355,7 @@ mod tests {
         let path = dir.path().join("dynamo.toml");
         std::fs::write(
             &path,
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\n",
         )
         .unwrap();
         let args = ServerArgs {
@@ -355,6 +368,7 @@ mod tests {
         assert_eq!((c.n, c.r, c.w), (5, 1, 3));
         assert_eq!(c.peers, vec!["b=127.0.0.1:2".parse::<PeerSpec>().unwrap()]);
         assert_eq!(c.http_addr, None);
+        assert_eq!(c.worker_threads, Some(3));
     }
 
     #[test]
@@ -385,6 +399,11 @@ mod tests {
             ..Default::default()
         })
         .contains("lww"));
+        assert!(bad(ServerArgs {
+            worker_threads: Some(0),
+            ..Default::default()
+        })
+        .contains("--worker-threads"));
     }
 
     #[test]

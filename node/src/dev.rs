@@ -160,8 +160,28 @@ pub fn server_args(args: &DevArgs, nodes: &[DevNode], me: &DevNode) -> Vec<Strin
     opt("--r", args.r.map(|v| v.to_string()));
     opt("--w", args.w.map(|v| v.to_string()));
     opt("--partitions", args.partitions.map(|v| v.to_string()));
+    // The nodes share this machine: each gets its share of the cores, unless
+    // the extra server arguments say otherwise.
+    if !args
+        .server_args
+        .iter()
+        .any(|a| a.starts_with("--worker-threads"))
+    {
+        opt(
+            "--worker-threads",
+            Some(worker_share(nodes.len()).to_string()),
+        );
+    }
     out.extend(args.server_args.iter().cloned());
     out
+}
+
+/// Worker threads per node when `nodes` nodes share this machine's cores: an
+/// even share, at least one. More threads than cores only add context
+/// switches (measured in BENCHMARKS.md's notes).
+fn worker_share(nodes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / nodes.max(1)).max(1)
 }
 
 /// Fails, naming the port and its flag, when a port is taken.
@@ -541,6 +561,16 @@ mod tests {
         assert!(joined.contains("--resp-addr 127.0.0.1:6380"), "{joined}");
         assert!(joined.contains("--sync none"));
         assert!(joined.ends_with("--max-siblings 4"), "{joined}");
+        let share = worker_share(3).to_string();
+        assert!(
+            joined.contains(&format!("--worker-threads {share} ")),
+            "{joined}"
+        );
+        // Extra server arguments that set the threads win.
+        let own = args(&["--nodes", "3", "--", "--worker-threads", "7"]);
+        let joined = server_args(&own, &nodes, &nodes[0]).join(" ");
+        assert_eq!(joined.matches("--worker-threads").count(), 1, "{joined}");
+        assert!(joined.ends_with("--worker-threads 7"), "{joined}");
     }
 
     #[test]

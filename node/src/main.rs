@@ -2,15 +2,39 @@
 //! command on a multi-threaded tokio runtime and maps the outcome to an exit
 //! code (see [`dynamo_node::cli`]).
 
+/// mimalloc instead of glibc's malloc: the request path allocates small,
+/// short-lived buffers on one thread and frees them on another, where glibc's
+/// arenas spend a measurable share of a node's CPU (see BENCHMARKS.md).
 #[cfg(not(madsim))]
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(not(madsim))]
+fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     use dynamo_node::cli::{self, Cli};
+
+    let cli = Cli::parse();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.command.worker_threads() {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::from(cli::EXIT_ERROR);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+#[cfg(not(madsim))]
+async fn run(cli: dynamo_node::cli::Cli) -> std::process::ExitCode {
+    use dynamo_node::cli;
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
 
-    let cli = Cli::parse();
     // RUST_LOG wins; otherwise servers log at info and client commands at warn.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cli.command.default_log_level()));

@@ -53,10 +53,14 @@
 //! # Connections and pipelining
 //!
 //! Commands are parsed as they arrive (arrays of bulk strings, or inline
-//! commands typed into `telnet`); each command on a key runs as its own task,
-//! so a pipeline's commands are coordinated concurrently, but commands on the
-//! same key from one connection run in the order sent, and replies are always
-//! written in request order, flushed once per batch of ready replies. At most
+//! commands typed into `telnet`) and a pipeline's commands are coordinated
+//! concurrently, but commands on the same key from one connection run in the
+//! order sent, and replies are always written in request order, flushed once
+//! per batch of ready replies. `GET` and `SET` go straight from the reading
+//! task to the core when no earlier command on their key is still running
+//! (always so for a client that waits for each reply, as `redis-benchmark`
+//! does); otherwise, and for every other command on keys, the command runs as
+//! its own task once the earlier ones on its keys have finished. At most
 //! [`MAX_IN_FLIGHT`] commands per connection are outstanding; the connection
 //! stops reading until the oldest answers. Malformed input gets one
 //! `-ERR Protocol error: ...` after the replies before it, then the connection
@@ -74,7 +78,9 @@ pub mod reply;
 pub use parse::{Decoder, Limits, ProtocolError};
 pub use reply::Reply;
 
+use crate::runtime::handle::shutting_down;
 use crate::runtime::CoreHandle;
+use dynamo_proto::{ClientReply, ClientRequest};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,10 +160,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// A reply in request order: ready now, or coming from a task.
+/// A reply in request order: ready now, coming from a task, or coming
+/// straight from the core (turned into a reply by `finish`; `done` is dropped
+/// once it has arrived, releasing later commands on the same key).
 enum Slot {
     Ready(Reply),
     Pending(oneshot::Receiver<Reply>),
+    Core {
+        rx: oneshot::Receiver<ClientReply>,
+        finish: fn(ClientReply) -> Reply,
+        done: oneshot::Sender<()>,
+    },
 }
 
 fn lost_reply() -> Reply {
@@ -169,6 +182,11 @@ impl Slot {
         match self {
             Slot::Ready(r) => r,
             Slot::Pending(rx) => rx.await.unwrap_or_else(|_| lost_reply()),
+            Slot::Core { rx, finish, done } => {
+                let reply = finish(rx.await.unwrap_or_else(|_| shutting_down()));
+                drop(done);
+                reply
+            }
         }
     }
 
@@ -180,6 +198,15 @@ impl Slot {
                 Ok(r) => Ok(r),
                 Err(oneshot::error::TryRecvError::Empty) => Err(Slot::Pending(rx)),
                 Err(oneshot::error::TryRecvError::Closed) => Ok(lost_reply()),
+            },
+            Slot::Core {
+                mut rx,
+                finish,
+                done,
+            } => match rx.try_recv() {
+                Ok(r) => Ok(finish(r)),
+                Err(oneshot::error::TryRecvError::Empty) => Err(Slot::Core { rx, finish, done }),
+                Err(oneshot::error::TryRecvError::Closed) => Ok(finish(shutting_down())),
             },
         }
     }
@@ -202,6 +229,12 @@ pub(crate) enum Action {
     ReplyAndClose(Reply),
     /// A task's reply, in order.
     Spawned(oneshot::Receiver<Reply>),
+    /// The core's answer, in order (see [`Conn::submit_keyed`]).
+    Submitted {
+        rx: oneshot::Receiver<ClientReply>,
+        finish: fn(ClientReply) -> Reply,
+        done: oneshot::Sender<()>,
+    },
     /// Nothing (an empty command).
     Nothing,
 }
@@ -224,8 +257,7 @@ impl Conn {
             mine.push(done_tx);
         }
         if self.order.len() > ORDER_PRUNE_AT {
-            self.order
-                .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+            self.prune_order();
         }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
@@ -237,6 +269,45 @@ impl Conn {
             drop(mine);
         });
         Action::Spawned(rx)
+    }
+
+    /// Sends a one-key `request` straight to the core, with no task of its
+    /// own, when no earlier command of this connection on `key` is still
+    /// running (the common case: a client waiting for each reply); otherwise
+    /// runs it as [`Conn::spawn_keyed`] does, after those commands. `finish`
+    /// turns the core's answer into the RESP reply.
+    pub fn submit_keyed(
+        &mut self,
+        key: &[u8],
+        request: ClientRequest,
+        finish: fn(ClientReply) -> Reply,
+    ) -> Action {
+        let busy = self
+            .order
+            .get_mut(key)
+            .is_some_and(|rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        if busy {
+            let handle = self.shared.handle.clone();
+            return self.spawn_keyed(&[key.to_vec()], async move {
+                finish(handle.request(request).await)
+            });
+        }
+        let (done, done_rx) = oneshot::channel::<()>();
+        self.order.insert(key.to_vec(), done_rx);
+        if self.order.len() > ORDER_PRUNE_AT {
+            self.prune_order();
+        }
+        Action::Submitted {
+            rx: self.shared.handle.submit(request),
+            finish,
+            done,
+        }
+    }
+
+    /// Forgets keys whose last command has finished.
+    fn prune_order(&mut self) {
+        self.order
+            .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
     }
 
     /// Runs `work` as its own task, unordered with respect to keys.
@@ -281,6 +352,9 @@ async fn connection(
                         Action::Reply(r) => (Slot::Ready(r), false),
                         Action::ReplyAndClose(r) => (Slot::Ready(r), true),
                         Action::Spawned(rx) => (Slot::Pending(rx), false),
+                        Action::Submitted { rx, finish, done } => {
+                            (Slot::Core { rx, finish, done }, false)
+                        }
                     };
                     if tx.send(slot).await.is_err() || close {
                         break 'conn;

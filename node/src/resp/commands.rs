@@ -132,12 +132,13 @@ pub(crate) fn dispatch(conn: &mut Conn, args: Command) -> Action {
     match spec.name {
         "get" => {
             let key = args.swap_remove(0);
-            let keys = [key.clone()];
-            conn.spawn_keyed(&keys, async move {
-                match get(&handle, key).await {
-                    Ok(read) => visible(&read).map(Reply::bulk).unwrap_or(Reply::Nil),
-                    Err(e) => e,
-                }
+            let request = ClientRequest::Get {
+                key: key.clone(),
+                r: None,
+            };
+            conn.submit_keyed(&key, request, |reply| match get_reply(reply) {
+                Ok(read) => visible(&read).map(Reply::bulk).unwrap_or(Reply::Nil),
+                Err(e) => e,
             })
         }
         "set" => {
@@ -151,12 +152,16 @@ pub(crate) fn dispatch(conn: &mut Conn, args: Command) -> Action {
             }
             let value = args.pop().unwrap_or_default();
             let key = args.pop().unwrap_or_default();
-            let keys = [key.clone()];
-            conn.spawn_keyed(&keys, async move {
-                match put(&handle, key, Some(value), None, WriteMode::Overwrite).await {
-                    Ok(_) => Reply::ok(),
-                    Err(e) => e,
-                }
+            let request = ClientRequest::Put {
+                key: key.clone(),
+                value: Some(value),
+                context: None,
+                w: None,
+                mode: WriteMode::Overwrite,
+            };
+            conn.submit_keyed(&key, request, |reply| match put_reply(reply) {
+                Ok(_) => Reply::ok(),
+                Err(e) => e,
             })
         }
         "del" => {
@@ -353,8 +358,23 @@ fn unexpected(reply: &ClientReply) -> Reply {
 }
 
 async fn get(handle: &CoreHandle, key: Vec<u8>) -> Result<GetReply, Reply> {
-    match handle.request(ClientRequest::Get { key, r: None }).await {
+    get_reply(handle.request(ClientRequest::Get { key, r: None }).await)
+}
+
+/// The core's answer to a `Get`, or the RESP error to send instead.
+fn get_reply(reply: ClientReply) -> Result<GetReply, Reply> {
+    match reply {
         ClientReply::Get(read) => Ok(read),
+        ClientReply::Error(e) => Err(core_error(e)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// The core's answer to a `Put` (the new write's context), or the RESP error
+/// to send instead.
+fn put_reply(reply: ClientReply) -> Result<Context, Reply> {
+    match reply {
+        ClientReply::Put { context, .. } => Ok(context),
         ClientReply::Error(e) => Err(core_error(e)),
         other => Err(unexpected(&other)),
     }
@@ -374,11 +394,7 @@ async fn put(
         w: None,
         mode,
     };
-    match handle.request(request).await {
-        ClientReply::Put { context, .. } => Ok(context),
-        ClientReply::Error(e) => Err(core_error(e)),
-        other => Err(unexpected(&other)),
-    }
+    put_reply(handle.request(request).await)
 }
 
 /// Reads `key`; if any sibling is live, deletes exactly what was read. 1 when

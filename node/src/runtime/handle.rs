@@ -73,12 +73,22 @@ impl CoreHandle {
     /// own timeout inside the core, so this always resolves; if the node is
     /// shutting down it resolves at once with `Unavailable`.
     pub async fn request(&self, request: ClientRequest) -> ClientReply {
+        self.submit(request)
+            .await
+            .unwrap_or_else(|_| shutting_down())
+    }
+
+    /// Submits a request without waiting: its answer arrives on the returned
+    /// receiver, which closes without one only if the node is shutting down.
+    pub fn submit(&self, request: ClientRequest) -> oneshot::Receiver<ClientReply> {
         let (reply, rx) = oneshot::channel();
-        let reply = ReplyTo::Once(reply);
-        if self.events.send(Event::Client { request, reply }).is_err() {
-            return shutting_down();
-        }
-        rx.await.unwrap_or_else(|_| shutting_down())
+        // If the core is gone the sender is dropped with the event: the
+        // receiver closes, which the caller reads as "shutting down".
+        let _ = self.events.send(Event::Client {
+            request,
+            reply: ReplyTo::Once(reply),
+        });
+        rx
     }
 
     /// Submits a request whose answer goes to `tx` as `ClientReplyEnvelope { id, .. }`

@@ -547,10 +547,28 @@ impl Router {
 /// `w % per_node` on every node.
 pub struct ConnPool {
     addrs: Vec<String>,
-    slots: Vec<Vec<tokio::sync::Mutex<Option<SharedConnection>>>>,
+    slots: Vec<Vec<tokio::sync::Mutex<Slot>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
+
+/// One pooled connection, or the last failure to open it.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Empty,
+    Open(SharedConnection),
+    /// Connecting failed at `at`; until [`RECONNECT_PAUSE`] has passed, the
+    /// workers sharing the slot get this error at once (and go to another
+    /// node) instead of each waiting out its own connect timeout in turn.
+    Failed {
+        at: Instant,
+        error: String,
+    },
+}
+
+/// How long a slot whose connect failed answers with that failure.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 impl ConnPool {
     pub fn new(addrs: &[String], per_node: usize, request_timeout: Duration) -> ConnPool {
@@ -574,17 +592,35 @@ impl ConnPool {
     async fn get(&self, node: usize, slot: usize) -> Result<SharedConnection, ClientIoError> {
         let slots = &self.slots[node];
         let mut held = slots[slot % slots.len()].lock().await;
-        if let Some(conn) = held.as_ref().filter(|c| !c.is_broken()) {
-            return Ok(conn.clone());
+        match &*held {
+            Slot::Open(conn) if !conn.is_broken() => return Ok(conn.clone()),
+            Slot::Failed { at, error } if at.elapsed() < RECONNECT_PAUSE => {
+                return Err(ClientIoError::Connect {
+                    addr: self.addrs[node].clone(),
+                    source: std::io::Error::other(error.clone()),
+                });
+            }
+            _ => {}
         }
-        let conn = SharedConnection::connect(
+        match SharedConnection::connect(
             &self.addrs[node],
             self.connect_timeout,
             self.request_timeout,
         )
-        .await?;
-        *held = Some(conn.clone());
-        Ok(conn)
+        .await
+        {
+            Ok(conn) => {
+                *held = Slot::Open(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                *held = Slot::Failed {
+                    at: Instant::now(),
+                    error: e.to_string(),
+                };
+                Err(e)
+            }
+        }
     }
 }
 
@@ -2036,6 +2072,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pool_slot_remembers_a_failed_connect_for_a_moment() {
+        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let pool = ConnPool::new(&[addr.to_string()], 1, Duration::from_secs(1));
+        let err = pool.get(0, 0).await.unwrap_err();
+        assert!(err.nothing_sent(), "{err}");
+        // The node comes up, but the slot answers with the failure until the
+        // pause has passed, rather than every worker retrying in turn.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let err = pool.get(0, 0).await.unwrap_err();
+        assert!(err.nothing_sent(), "{err}");
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+        let conn = pool.get(0, 0).await.unwrap();
+        assert_eq!(conn.addr(), addr.to_string());
+        let (_accepted, _) = listener.accept().await.unwrap();
+        // Every worker of the slot shares that one connection.
+        assert!(!pool.get(0, 7).await.unwrap().is_broken());
+        assert_eq!(pool.per_node(), 1);
+    }
+
+    #[tokio::test]
     async fn requests_mode_measures_exactly_n_operations() {
         let targets = (0..4)
             .map(|_| FakeTarget {
@@ -2277,8 +2335,14 @@ mod tests {
             assert_eq!(b.nodes, ["127.0.0.1:7100"]);
         }
         assert_eq!(
-            (b.concurrency, b.keys, b.value_size, b.read_ratio),
-            (50, 100_000, 100, 0.5)
+            (
+                b.concurrency,
+                b.connections,
+                b.keys,
+                b.value_size,
+                b.read_ratio
+            ),
+            (50, 2, 100_000, 100, 0.5)
         );
         assert_eq!(b.distribution, Distribution::Uniform);
         assert_eq!(b.stop(), Stop::Duration(Duration::from_secs(10)));
@@ -2291,6 +2355,8 @@ mod tests {
             "--node",
             "c:3",
             "--concurrency",
+            "8",
+            "--connections",
             "8",
             "--keys",
             "1000",
@@ -2321,6 +2387,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(b.nodes, ["a:1", "b:2", "c:3"]);
+        assert_eq!(b.connections, 8, "one connection per worker");
         assert_eq!(b.stop(), Stop::Requests(2000));
         assert_eq!(
             (b.rate, b.w, b.r, b.seed),

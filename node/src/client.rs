@@ -417,6 +417,8 @@ impl SharedConnection {
     }
 
     /// Sends one request and waits for its reply (or the request timeout).
+    /// A timeout breaks the connection: a server that answers nothing for
+    /// that long may be stuck or cut off, and the caller should go elsewhere.
     pub async fn call(&self, request: ClientRequest) -> Result<ClientReply, ClientIoError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let id = {
@@ -433,8 +435,9 @@ impl SharedConnection {
             state.waiting.insert(id, tx);
             id
         };
+        // If this call is dropped before its reply, its waiter goes too.
+        let _forget = ForgetOnDrop { conn: self, id };
         if self.requests.send(ClientEnvelope { id, request }).is_err() {
-            self.lock().waiting.remove(&id);
             return Err(ClientIoError::Closed {
                 addr: self.addr.to_string(),
             });
@@ -445,13 +448,27 @@ impl SharedConnection {
                 addr: self.addr.to_string(),
             }),
             Err(_) => {
-                self.lock().waiting.remove(&id);
+                let ms = self.request_timeout.as_millis() as u64;
+                self.lock()
+                    .fail_all(&self.addr, format!("a request got no reply within {ms} ms"));
                 Err(ClientIoError::Timeout {
                     addr: self.addr.to_string(),
-                    ms: self.request_timeout.as_millis() as u64,
+                    ms,
                 })
             }
         }
+    }
+}
+
+/// Removes a call's waiter when the call ends, however it ends.
+struct ForgetOnDrop<'a> {
+    conn: &'a SharedConnection,
+    id: u64,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.conn.lock().waiting.remove(&self.id);
     }
 }
 
@@ -1566,10 +1583,10 @@ mod tests {
                 assert_eq!(values, vec![format!("k{i}").as_bytes()], "call {i}");
             }
 
-            // A request the server never answers times out alone.
-            let err = conn.call(get("silent")).await.unwrap_err();
-            assert!(matches!(err, ClientIoError::Timeout { .. }), "{err}");
-            assert!(!conn.is_broken());
+            // A call dropped before its reply leaves no waiter behind.
+            let dropped = tokio::time::timeout(Duration::from_millis(50), conn.call(get("silent")));
+            assert!(dropped.await.is_err(), "the silent request was answered");
+            assert!(conn.lock().waiting.is_empty());
             assert!(conn.call(get("after")).await.is_ok());
 
             // A connection the server closes fails what waits on it, then
@@ -1579,6 +1596,38 @@ mod tests {
             assert!(conn.is_broken());
             let err = conn.call(get("later")).await.unwrap_err();
             assert!(err.nothing_sent(), "{err}");
+        }
+
+        #[tokio::test]
+        async fn a_timeout_breaks_a_shared_connection() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(serve_reversed(listener));
+            let conn = SharedConnection::connect(
+                &addr,
+                Duration::from_secs(1),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+            let other = {
+                let conn = conn.clone();
+                // Sent after the silent one, in its own batch: it fails with it.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.call(get("silent")).await
+                })
+            };
+            let err = conn.call(get("silent")).await.unwrap_err();
+            assert!(matches!(err, ClientIoError::Timeout { .. }), "{err}");
+            assert!(!err.nothing_sent());
+            assert!(
+                conn.is_broken(),
+                "a server that answers nothing is given up on"
+            );
+            let err = other.await.unwrap().unwrap_err();
+            assert!(!err.nothing_sent(), "{err}");
+            assert!(conn.call(get("later")).await.unwrap_err().nothing_sent());
         }
 
         #[tokio::test]

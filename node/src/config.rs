@@ -11,6 +11,9 @@ use dynamo_core::version::Versioning;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The most runtime worker threads a node may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// `dynamo server` flags. Each also reads a `DYNAMO_*` variable; unset ones fall
 /// back to the config file, then to the defaults.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -282,8 +285,10 @@ impl ServerConfig {
         if self.max_siblings == 0 {
             bail!("--max-siblings must be at least 1");
         }
-        if self.worker_threads == Some(0) {
-            bail!("--worker-threads must be at least 1");
+        if let Some(n) = self.worker_threads {
+            if !(1..=MAX_WORKER_THREADS).contains(&n) {
+                bail!("--worker-threads {n}: choose 1 to {MAX_WORKER_THREADS}");
+            }
         }
         Ok(())
     }
@@ -399,11 +404,13 @@ mod tests {
             ..Default::default()
         })
         .contains("lww"));
-        assert!(bad(ServerArgs {
-            worker_threads: Some(0),
-            ..Default::default()
-        })
-        .contains("--worker-threads"));
+        for threads in [0, MAX_WORKER_THREADS + 1] {
+            assert!(bad(ServerArgs {
+                worker_threads: Some(threads),
+                ..Default::default()
+            })
+            .contains("--worker-threads"));
+        }
     }
 
     #[test]

@@ -161,12 +161,13 @@ pub fn server_args(args: &DevArgs, nodes: &[DevNode], me: &DevNode) -> Vec<Strin
     opt("--w", args.w.map(|v| v.to_string()));
     opt("--partitions", args.partitions.map(|v| v.to_string()));
     // The nodes share this machine: each gets its share of the cores, unless
-    // the extra server arguments say otherwise.
-    if !args
+    // the user chose (extra server arguments, a config file, the environment).
+    let chosen = args
         .server_args
         .iter()
-        .any(|a| a.starts_with("--worker-threads"))
-    {
+        .any(|a| a.starts_with("--worker-threads") || a.starts_with("--config"))
+        || std::env::var_os("DYNAMO_WORKER_THREADS").is_some();
+    if !chosen {
         opt(
             "--worker-threads",
             Some(worker_share(nodes.len()).to_string()),
@@ -571,6 +572,10 @@ mod tests {
         let joined = server_args(&own, &nodes, &nodes[0]).join(" ");
         assert_eq!(joined.matches("--worker-threads").count(), 1, "{joined}");
         assert!(joined.ends_with("--worker-threads 7"), "{joined}");
+        // So does a config file, which may set them.
+        let file = args(&["--nodes", "3", "--", "--config", "dynamo.toml"]);
+        let joined = server_args(&file, &nodes, &nodes[0]).join(" ");
+        assert!(!joined.contains("--worker-threads"), "{joined}");
     }
 
     #[test]

@@ -603,6 +603,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commands_on_one_key_run_in_order_whichever_path_they_take() {
+        let f = fake().await;
+        let mut s = TcpStream::connect(f.addr).await.unwrap();
+        // GET goes straight to the core; the SET behind it on the same key
+        // must wait for it, and the GET after the SET must see the SET.
+        let mut input = cmd(&["GET", "slow1"]);
+        input.extend(cmd(&["SET", "slow1", "x"]));
+        input.extend(cmd(&["GET", "slow1"]));
+        // A direct SET, then DEL (its own task) and GET on the same key.
+        input.extend(cmd(&["SET", "slow2", "y"]));
+        input.extend(cmd(&["DEL", "slow2"]));
+        input.extend(cmd(&["GET", "slow2"]));
+        let started = std::time::Instant::now();
+        let replies = exchange(&mut s, &input, 6).await;
+        // Each "slow" request takes 150 ms in the fake core. Run in order, the
+        // slow2 chain (SET, DEL's read and write, GET) takes at least 600 ms;
+        // run concurrently, everything would finish in about 150 ms.
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Nil,
+                Reply::ok(),
+                bulk("x"),
+                Reply::ok(),
+                Reply::Integer(1),
+                Reply::Nil,
+            ]
+        );
+        let order: Vec<String> = f
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| match r {
+                ClientRequest::Get { key, .. } => format!("get {}", String::from_utf8_lossy(key)),
+                ClientRequest::Put { key, value, .. } => format!(
+                    "put {} {}",
+                    String::from_utf8_lossy(key),
+                    value.as_deref().map_or("-".into(), String::from_utf8_lossy)
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let pos = |what: &str| order.iter().position(|o| o == what).unwrap();
+        assert!(pos("get slow1") < pos("put slow1 x"), "{order:?}");
+        assert!(pos("put slow2 y") < pos("put slow2 -"), "{order:?}");
+    }
+
+    #[tokio::test]
     async fn set_overwrites_and_del_and_exists_count() {
         let f = fake().await;
         let mut s = TcpStream::connect(f.addr).await.unwrap();

@@ -63,11 +63,13 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     'conn: loop {
-        // Decode every whole frame already buffered.
+        // Decode every whole frame already buffered (a pipelining client
+        // sends many per read); drop the consumed bytes once.
+        let mut start = 0;
         loop {
-            match codec.decode::<ClientEnvelope>(&buf) {
+            match codec.decode::<ClientEnvelope>(&buf[start..]) {
                 Ok(Some((env, used))) => {
-                    buf.drain(..used);
+                    start += used;
                     // The core answers straight into the writer's channel.
                     handle.submit_to(env.request, &tx, env.id);
                 }
@@ -85,6 +87,7 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
                 }
             }
         }
+        buf.drain(..start);
         let n = tokio::select! {
             biased;
             _ = shutdown.changed() => break,

@@ -152,7 +152,7 @@ async fn pump(
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
     let codec = ctx.codec;
     let reader_task = tokio::spawn(async move {
-        let mut buf = Vec::new();
+        let mut buf = FrameBuf::default();
         // Anything the peer sends back on this connection counts as a sign of life.
         while let Ok(Some(_)) = read_frame(&mut reader, &codec, &mut buf).await {
             if pong_tx.send(()).is_err() {
@@ -254,7 +254,7 @@ async fn connect_and_greet(
     write_all_flush(&mut stream, &frame)
         .await
         .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
+    let mut buf = FrameBuf::default();
     let reply = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf))
         .await
         .map_err(|_| "no greeting from the peer".to_string())?
@@ -276,30 +276,41 @@ async fn connect_and_greet(
     }
 }
 
-/// Reads one frame, keeping leftover bytes in `buf`. `Ok(None)` on a clean close.
+/// Bytes read from one connection and how far they have been decoded. A
+/// batch of frames arrives in one read; each is decoded in place and the
+/// consumed bytes are dropped once, before the next read.
+#[derive(Default)]
+struct FrameBuf {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+/// Reads one frame, keeping leftover bytes in `buf`. `Ok(None)` on a clean
+/// close. Cancel-safe: nothing read is lost if the future is dropped.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     codec: &FrameCodec,
-    buf: &mut Vec<u8>,
+    buf: &mut FrameBuf,
 ) -> Result<Option<PeerMessage>, ReadError> {
     loop {
-        if let Some((msg, used)) = codec.decode::<PeerMessage>(buf)? {
-            buf.drain(..used);
+        if let Some((msg, used)) = codec.decode::<PeerMessage>(&buf.bytes[buf.start..])? {
+            buf.start += used;
             return Ok(Some(msg));
         }
-        let mut chunk = [0u8; 64 * 1024];
-        let n = r.read(&mut chunk).await?;
+        buf.bytes.drain(..buf.start);
+        buf.start = 0;
+        buf.bytes.reserve(64 * 1024);
+        let n = r.read_buf(&mut buf.bytes).await?;
         if n == 0 {
-            return if buf.is_empty() {
+            return if buf.bytes.is_empty() {
                 Ok(None)
             } else {
                 Err(ReadError::Frame(FrameError::Truncated {
-                    have: buf.len(),
-                    need: buf.len() + 1,
+                    have: buf.bytes.len(),
+                    need: buf.bytes.len() + 1,
                 }))
             };
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -338,7 +349,7 @@ pub(crate) async fn accept_loop(
 
 async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
     let _ = stream.set_nodelay(true);
-    let mut buf = Vec::new();
+    let mut buf = FrameBuf::default();
     let greeting =
         tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf)).await;
     let peer = match greeting {

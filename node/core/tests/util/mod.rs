@@ -229,6 +229,7 @@ impl Cluster {
 
     fn drain_outputs(&mut self) -> bool {
         let mut moved = false;
+        let versioning = self.config.versioning;
         for (id, sim) in self.nodes.iter_mut() {
             while let Some(out) = sim.node.poll_output() {
                 moved = true;
@@ -239,7 +240,19 @@ impl Cluster {
                     }
                     Output::Persist(p) => {
                         let mut disk = sim.disk.0.lock().unwrap();
-                        disk.volatile.insert((p.partition, p.key), p.set);
+                        // This disk keeps only the newest write of a key (as
+                        // the core's overlay does): each write of a key must
+                        // subsume the one before it, or the overwrite loses data.
+                        let slot = (p.partition, p.key);
+                        if let Some(prev) = disk.volatile.get(&slot).or(disk.durable.get(&slot)) {
+                            assert_eq!(
+                                dynamo_core::version::merge(prev, &p.set, versioning),
+                                p.set,
+                                "{id}: a write of {:?} does not subsume the one before it",
+                                slot.1
+                            );
+                        }
+                        disk.volatile.insert(slot, p.set);
                         sim.unsynced.push(p.id);
                     }
                 }

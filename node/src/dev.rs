@@ -562,9 +562,11 @@ mod tests {
         assert!(joined.contains("--resp-addr 127.0.0.1:6380"), "{joined}");
         assert!(joined.contains("--sync none"));
         assert!(joined.ends_with("--max-siblings 4"), "{joined}");
+        // The environment's choice wins over the share (then none is passed).
         let share = worker_share(3).to_string();
-        assert!(
+        assert_eq!(
             joined.contains(&format!("--worker-threads {share} ")),
+            std::env::var_os("DYNAMO_WORKER_THREADS").is_none(),
             "{joined}"
         );
         // Extra server arguments that set the threads win.

@@ -57,10 +57,11 @@
 //! concurrently, but commands on the same key from one connection run in the
 //! order sent, and replies are always written in request order, flushed once
 //! per batch of ready replies. `GET` and `SET` go straight from the reading
-//! task to the core when no earlier command on their key is still running
-//! (always so for a client that waits for each reply, as `redis-benchmark`
-//! does); otherwise, and for every other command on keys, the command runs as
-//! its own task once the earlier ones on its keys have finished. At most
+//! task to the core when every earlier command of the connection has been
+//! answered (always so for a client that waits for each reply, as
+//! `redis-benchmark` does); otherwise, and for every other command on keys,
+//! the command runs as its own task once the earlier ones on its keys have
+//! finished. At most
 //! [`MAX_IN_FLIGHT`] commands per connection are outstanding; the connection
 //! stops reading until the oldest answers. Malformed input gets one
 //! `-ERR Protocol error: ...` after the replies before it, then the connection
@@ -83,7 +84,7 @@ use crate::runtime::CoreHandle;
 use dynamo_proto::{ClientReply, ClientRequest};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -220,6 +221,8 @@ pub(crate) struct Conn {
     /// For each key, a receiver that closes when the last command this
     /// connection sent on the key has finished.
     order: BTreeMap<Vec<u8>, oneshot::Receiver<()>>,
+    /// Commands read whose reply the writer has not taken yet.
+    unanswered: Arc<AtomicUsize>,
 }
 
 /// What the reader does with one command.
@@ -272,21 +275,21 @@ impl Conn {
     }
 
     /// Sends a one-key `request` straight to the core, with no task of its
-    /// own, when no earlier command of this connection on `key` is still
-    /// running (the common case: a client waiting for each reply); otherwise
-    /// runs it as [`Conn::spawn_keyed`] does, after those commands. `finish`
-    /// turns the core's answer into the RESP reply.
+    /// own, when every earlier command of this connection has been answered
+    /// (the common case: a client waiting for each reply); otherwise runs it
+    /// as [`Conn::spawn_keyed`] does, after the earlier commands on `key`.
+    /// `finish` turns the core's answer into the RESP reply.
+    ///
+    /// With nothing else outstanding the command heads the writer's queue,
+    /// so its key is released the moment its answer arrives and a pipelined
+    /// command behind it waits for nothing else.
     pub fn submit_keyed(
         &mut self,
         key: &[u8],
         request: ClientRequest,
         finish: fn(ClientReply) -> Reply,
     ) -> Action {
-        let busy = self
-            .order
-            .get_mut(key)
-            .is_some_and(|rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-        if busy {
+        if self.unanswered.load(Ordering::Acquire) > 0 {
             let handle = self.shared.handle.clone();
             return self.spawn_keyed(&[key.to_vec()], async move {
                 finish(handle.request(request).await)
@@ -330,12 +333,14 @@ async fn connection(
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let (mut reader, writer) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Slot>(MAX_IN_FLIGHT);
-    let write_task = tokio::spawn(write_replies(writer, rx));
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let write_task = tokio::spawn(write_replies(writer, rx, unanswered.clone()));
     let mut conn = Conn {
         shared: shared.clone(),
         id,
         name: None,
         order: BTreeMap::new(),
+        unanswered,
     };
     let mut decoder = Decoder::new(shared.limits);
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -356,12 +361,14 @@ async fn connection(
                             (Slot::Core { rx, finish, done }, false)
                         }
                     };
+                    conn.unanswered.fetch_add(1, Ordering::AcqRel);
                     if tx.send(slot).await.is_err() || close {
                         break 'conn;
                     }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "RESP protocol error; closing the connection");
+                    conn.unanswered.fetch_add(1, Ordering::AcqRel);
                     let _ = tx
                         .send(Slot::Ready(Reply::err(format!("Protocol error: {e}"))))
                         .await;
@@ -390,6 +397,7 @@ async fn connection(
 async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::Receiver<Slot>,
+    unanswered: Arc<AtomicUsize>,
 ) {
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     // A slot taken from the channel whose reply was not ready yet.
@@ -403,6 +411,7 @@ async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
             },
         };
         head.wait().await.encode(&mut out);
+        unanswered.fetch_sub(1, Ordering::AcqRel);
         while out.len() < WRITE_BATCH {
             let next = match peeked.pop_front() {
                 Some(slot) => slot,
@@ -412,7 +421,10 @@ async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
                 },
             };
             match next.try_take() {
-                Ok(reply) => reply.encode(&mut out),
+                Ok(reply) => {
+                    reply.encode(&mut out);
+                    unanswered.fetch_sub(1, Ordering::AcqRel);
+                }
                 Err(slot) => {
                     peeked.push_back(slot);
                     break;
@@ -606,33 +618,46 @@ mod tests {
     async fn commands_on_one_key_run_in_order_whichever_path_they_take() {
         let f = fake().await;
         let mut s = TcpStream::connect(f.addr).await.unwrap();
-        // GET goes straight to the core; the SET behind it on the same key
-        // must wait for it, and the GET after the SET must see the SET.
-        let mut input = cmd(&["GET", "slow1"]);
-        input.extend(cmd(&["SET", "slow1", "x"]));
-        input.extend(cmd(&["GET", "slow1"]));
-        // A direct SET, then DEL (its own task) and GET on the same key.
-        input.extend(cmd(&["SET", "slow2", "y"]));
-        input.extend(cmd(&["DEL", "slow2"]));
-        input.extend(cmd(&["GET", "slow2"]));
-        let started = std::time::Instant::now();
-        let replies = exchange(&mut s, &input, 6).await;
-        // Each "slow" request takes 150 ms in the fake core. Run in order, the
-        // slow2 chain (SET, DEL's read and write, GET) takes at least 600 ms;
-        // run concurrently, everything would finish in about 150 ms.
-        let elapsed = started.elapsed();
-        assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
-        assert_eq!(
-            replies,
-            vec![
-                Reply::Nil,
-                Reply::ok(),
-                bulk("x"),
-                Reply::ok(),
-                Reply::Integer(1),
-                Reply::Nil,
-            ]
-        );
+        // Each "slow" request takes 150 ms in the fake core. The head of each
+        // pipeline goes straight to the core (nothing is outstanding); the
+        // commands behind it on the same key run as tasks and must wait for
+        // it, so each chain takes its requests' time one after the other,
+        // where running them concurrently would take about 150 ms.
+        struct Chain {
+            commands: Vec<&'static [&'static str]>,
+            expected: Vec<Reply>,
+            at_least_ms: u64,
+        }
+        let chains = [
+            // GET, then SET and GET behind it: the last GET sees the SET.
+            Chain {
+                commands: vec![&["GET", "slow1"], &["SET", "slow1", "x"], &["GET", "slow1"]],
+                expected: vec![Reply::Nil, Reply::ok(), bulk("x")],
+                at_least_ms: 450,
+            },
+            // SET, then DEL (a read and a write) and GET behind it.
+            Chain {
+                commands: vec![&["SET", "slow2", "y"], &["DEL", "slow2"], &["GET", "slow2"]],
+                expected: vec![Reply::ok(), Reply::Integer(1), Reply::Nil],
+                at_least_ms: 600,
+            },
+        ];
+        for Chain {
+            commands,
+            expected,
+            at_least_ms,
+        } in chains
+        {
+            let input: Vec<u8> = commands.iter().flat_map(|c| cmd(c)).collect();
+            let started = std::time::Instant::now();
+            let replies = exchange(&mut s, &input, commands.len()).await;
+            let elapsed = started.elapsed();
+            assert_eq!(replies, expected, "{commands:?}");
+            assert!(
+                elapsed >= Duration::from_millis(at_least_ms),
+                "{commands:?} ran concurrently: {elapsed:?}"
+            );
+        }
         let order: Vec<String> = f
             .requests
             .lock()
@@ -648,9 +673,18 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect();
-        let pos = |what: &str| order.iter().position(|o| o == what).unwrap();
-        assert!(pos("get slow1") < pos("put slow1 x"), "{order:?}");
-        assert!(pos("put slow2 y") < pos("put slow2 -"), "{order:?}");
+        assert_eq!(
+            order,
+            [
+                "get slow1",
+                "put slow1 x",
+                "get slow1",
+                "put slow2 y",
+                "get slow2",
+                "put slow2 -",
+                "get slow2"
+            ],
+        );
     }
 
     #[tokio::test]

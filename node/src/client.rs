@@ -21,6 +21,7 @@
 //! `tokio::io`, which madsim replaces, so the simulator reuses this very client.
 //! It never reads the OS clock directly and never iterates a hash-ordered map.
 
+use crate::read_buf::ReadBuf;
 use dynamo_core::ring::Ring;
 use dynamo_proto::frame::DEFAULT_MAX_PAYLOAD;
 use dynamo_proto::{
@@ -529,14 +530,13 @@ async fn shared_reader<R: tokio::io::AsyncRead + Unpin>(
     addr: std::sync::Arc<str>,
     state: std::sync::Arc<Mutex<SharedState>>,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut buf = ReadBuf::default();
     let reason = loop {
-        let mut start = 0;
         let mut failed = None;
         loop {
-            match codec.decode::<ClientReplyEnvelope>(&buf[start..]) {
+            match codec.decode::<ClientReplyEnvelope>(buf.unread()) {
                 Ok(Some((envelope, used))) => {
-                    start += used;
+                    buf.consume(used);
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                     match st.waiting.remove(&envelope.id) {
                         Some(tx) => {
@@ -564,9 +564,7 @@ async fn shared_reader<R: tokio::io::AsyncRead + Unpin>(
         if let Some(reason) = failed {
             break reason;
         }
-        buf.drain(..start);
-        buf.reserve(64 * 1024);
-        match reader.read_buf(&mut buf).await {
+        match buf.fill(&mut reader).await {
             Ok(0) => break "the server closed the connection".to_string(),
             Ok(_) => {}
             Err(e) => break format!("reading failed: {e}"),
@@ -1556,18 +1554,19 @@ mod tests {
             }
         }
 
-        #[tokio::test]
-        async fn a_shared_connection_matches_out_of_order_replies_to_their_callers() {
+        /// A [`SharedConnection`] to a fresh [`serve_reversed`] server.
+        async fn reversed_connection(request_timeout: Duration) -> SharedConnection {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             tokio::spawn(serve_reversed(listener));
-            let conn = SharedConnection::connect(
-                &addr,
-                Duration::from_secs(1),
-                Duration::from_millis(300),
-            )
-            .await
-            .unwrap();
+            SharedConnection::connect(&addr, Duration::from_secs(1), request_timeout)
+                .await
+                .unwrap()
+        }
+
+        #[tokio::test]
+        async fn a_shared_connection_matches_out_of_order_replies_to_their_callers() {
+            let conn = reversed_connection(Duration::from_millis(300)).await;
             let calls: Vec<_> = (0..40)
                 .map(|i| {
                     let conn = conn.clone();
@@ -1600,16 +1599,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_timeout_breaks_a_shared_connection() {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            tokio::spawn(serve_reversed(listener));
-            let conn = SharedConnection::connect(
-                &addr,
-                Duration::from_secs(1),
-                Duration::from_millis(200),
-            )
-            .await
-            .unwrap();
+            let conn = reversed_connection(Duration::from_millis(200)).await;
             let other = {
                 let conn = conn.clone();
                 // Sent after the silent one, in its own batch: it fails with it.

@@ -12,6 +12,7 @@ pub mod context_token;
 pub mod dev;
 #[cfg(not(madsim))]
 pub mod http;
+mod read_buf;
 /// The Redis-protocol front end (only `tokio::net`/`io`/`sync`, so it also
 /// builds under madsim).
 pub mod resp;

@@ -79,6 +79,7 @@ pub mod reply;
 pub use parse::{Decoder, Limits, ProtocolError};
 pub use reply::Reply;
 
+use crate::read_buf::ReadBuf;
 use crate::runtime::handle::shutting_down;
 use crate::runtime::CoreHandle;
 use dynamo_proto::{ClientReply, ClientRequest};
@@ -86,7 +87,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -343,14 +344,12 @@ async fn connection(
         unanswered,
     };
     let mut decoder = Decoder::new(shared.limits);
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buf = ReadBuf::default();
     'conn: loop {
-        let mut start = 0;
         loop {
-            match decoder.decode(&buf[start..]) {
+            match decoder.decode(buf.unread()) {
                 Ok((used, command)) => {
-                    start += used;
+                    buf.consume(used);
                     let Some(command) = command else { break };
                     let (slot, close) = match commands::dispatch(&mut conn, command) {
                         Action::Nothing => continue,
@@ -376,15 +375,13 @@ async fn connection(
                 }
             }
         }
-        buf.drain(..start);
         let n = tokio::select! {
             biased;
             _ = stop.changed() => break,
-            n = reader.read(&mut chunk) => n,
+            n = buf.fill(&mut reader) => n,
         };
-        match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        if !matches!(n, Ok(1..)) {
+            break;
         }
     }
     drop(tx);
@@ -448,6 +445,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Mutex;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
     /// A fake core over a map: keys starting with `slow` answer after 150 ms.
     struct Fake {

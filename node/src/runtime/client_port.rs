@@ -5,8 +5,9 @@
 //! saying what was wrong, then the connection closes; the node keeps serving.
 
 use super::handle::CoreHandle;
+use crate::read_buf::ReadBuf;
 use dynamo_proto::{ClientEnvelope, ClientError, ClientReply, ClientReplyEnvelope, FrameCodec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
@@ -60,16 +61,14 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
             }
         }
     });
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buf = ReadBuf::default();
     'conn: loop {
         // Decode every whole frame already buffered (a pipelining client
-        // sends many per read); drop the consumed bytes once.
-        let mut start = 0;
+        // sends many per read).
         loop {
-            match codec.decode::<ClientEnvelope>(&buf[start..]) {
+            match codec.decode::<ClientEnvelope>(buf.unread()) {
                 Ok(Some((env, used))) => {
-                    start += used;
+                    buf.consume(used);
                     // The core answers straight into the writer's channel.
                     handle.submit_to(env.request, &tx, env.id);
                 }
@@ -87,15 +86,13 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
                 }
             }
         }
-        buf.drain(..start);
         let n = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            n = reader.read(&mut chunk) => n,
+            n = buf.fill(&mut reader) => n,
         };
-        match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        if !matches!(n, Ok(1..)) {
+            break;
         }
     }
     // Let in-flight requests answer, then close the write side.

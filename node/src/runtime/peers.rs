@@ -12,11 +12,12 @@
 //! runs this very code.
 
 use super::handle::Event;
+use crate::read_buf::ReadBuf;
 use dynamo_core::HelloCheck;
 use dynamo_proto::{FrameCodec, FrameError, Hello, NodeId, PeerMessage};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
@@ -152,7 +153,7 @@ async fn pump(
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
     let codec = ctx.codec;
     let reader_task = tokio::spawn(async move {
-        let mut buf = FrameBuf::default();
+        let mut buf = ReadBuf::default();
         // Anything the peer sends back on this connection counts as a sign of life.
         while let Ok(Some(_)) = read_frame(&mut reader, &codec, &mut buf).await {
             if pong_tx.send(()).is_err() {
@@ -254,7 +255,7 @@ async fn connect_and_greet(
     write_all_flush(&mut stream, &frame)
         .await
         .map_err(|e| e.to_string())?;
-    let mut buf = FrameBuf::default();
+    let mut buf = ReadBuf::default();
     let reply = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf))
         .await
         .map_err(|_| "no greeting from the peer".to_string())?
@@ -276,38 +277,26 @@ async fn connect_and_greet(
     }
 }
 
-/// Bytes read from one connection and how far they have been decoded. A
-/// batch of frames arrives in one read; each is decoded in place and the
-/// consumed bytes are dropped once, before the next read.
-#[derive(Default)]
-struct FrameBuf {
-    bytes: Vec<u8>,
-    start: usize,
-}
-
 /// Reads one frame, keeping leftover bytes in `buf`. `Ok(None)` on a clean
 /// close. Cancel-safe: nothing read is lost if the future is dropped.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     codec: &FrameCodec,
-    buf: &mut FrameBuf,
+    buf: &mut ReadBuf,
 ) -> Result<Option<PeerMessage>, ReadError> {
     loop {
-        if let Some((msg, used)) = codec.decode::<PeerMessage>(&buf.bytes[buf.start..])? {
-            buf.start += used;
+        if let Some((msg, used)) = codec.decode::<PeerMessage>(buf.unread())? {
+            buf.consume(used);
             return Ok(Some(msg));
         }
-        buf.bytes.drain(..buf.start);
-        buf.start = 0;
-        buf.bytes.reserve(64 * 1024);
-        let n = r.read_buf(&mut buf.bytes).await?;
-        if n == 0 {
-            return if buf.bytes.is_empty() {
+        if buf.fill(r).await? == 0 {
+            let have = buf.unread().len();
+            return if have == 0 {
                 Ok(None)
             } else {
                 Err(ReadError::Frame(FrameError::Truncated {
-                    have: buf.bytes.len(),
-                    need: buf.bytes.len() + 1,
+                    have,
+                    need: have + 1,
                 }))
             };
         }
@@ -349,7 +338,7 @@ pub(crate) async fn accept_loop(
 
 async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
     let _ = stream.set_nodelay(true);
-    let mut buf = FrameBuf::default();
+    let mut buf = ReadBuf::default();
     let greeting =
         tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, &ctx.codec, &mut buf)).await;
     let peer = match greeting {

@@ -30,86 +30,154 @@ pub(crate) struct CoreTask {
     pub trace: Option<super::PeerTrace>,
 }
 
+/// Events handled per wakeup at most before the core's outputs go out, so a
+/// flood of one kind cannot hold back replies, peer messages or writes.
+const MAX_EVENTS_PER_TURN: usize = 256;
+
 impl CoreTask {
     /// Runs until shutdown is signalled and then drains: new client requests
     /// are refused, in-flight ones finish (or time out in the core), then it
     /// returns the node so the caller can see its final state.
-    pub async fn run(mut self) -> Node {
-        let mut waiting: BTreeMap<u64, ReplyTo> = BTreeMap::new();
-        let mut next_id: u64 = 1;
-        let mut draining = false;
+    ///
+    /// Each wakeup takes every event that is ready (up to
+    /// [`MAX_EVENTS_PER_TURN`]), durable writes first, and only then sends
+    /// what the core produced, so a burst shares one round of channel sends
+    /// and wakeups. The shutdown signal and the timer are armed once, not per
+    /// event.
+    pub async fn run(self) -> Node {
+        let CoreTask {
+            node,
+            clock,
+            mut events,
+            mut persisted,
+            peers,
+            storage,
+            mut shutdown,
+            trace,
+        } = self;
+        let mut state = Turn {
+            node,
+            clock,
+            trace,
+            waiting: BTreeMap::new(),
+            next_id: 1,
+            draining: false,
+        };
+        let mut shutdown_signal = std::pin::pin!(shutdown.changed());
+        let timer = tokio::time::sleep(Duration::ZERO);
+        let mut timer = std::pin::pin!(timer);
+        // The core deadline (its own milliseconds) the timer is armed for.
+        let mut armed: Option<u64> = None;
         loop {
-            if draining && self.node.is_idle() {
+            if state.draining && state.node.is_idle() {
                 break;
             }
-            let sleep_ms = self
-                .node
-                .poll_timeout()
-                .map(|at| at.saturating_sub(self.clock.now_ms()));
+            let deadline = state.node.poll_timeout();
+            if deadline != armed {
+                if let Some(at) = deadline {
+                    let wait = at.saturating_sub(state.clock.now_ms());
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + Duration::from_millis(wait));
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
-                changed = self.shutdown.changed(), if !draining => {
-                    draining = true;
+                changed = &mut shutdown_signal, if !state.draining => {
+                    state.draining = true;
                     if changed.is_err() {
                         break;
                     }
                 }
-                Some(done) = self.persisted.recv() => {
-                    for id in done.ids {
-                        self.node.on_persisted(id, done.error.clone());
-                    }
-                }
-                Some(event) = self.events.recv() => {
-                    let now = self.clock.now_ms();
-                    match event {
-                        Event::Client { reply, .. } if draining => reply.send(shutting_down()),
-                        Event::Client { request, reply } => {
-                            let id = next_id;
-                            next_id += 1;
-                            waiting.insert(id, reply);
-                            self.node.handle_client(now, FRONT_END, ClientEnvelope { id, request });
-                        }
-                        Event::Peer { from, msg } => {
-                            if let Some(trace) = &self.trace {
-                                trace(&from, self.node.id(), &msg);
-                            }
-                            self.node.handle_peer(now, &from, msg);
-                        }
-                        Event::PeerReachable { peer, up, client_addr, http_addr } => {
-                            if let (Some(c), Some(h)) = (&client_addr, &http_addr) {
-                                self.node.learn_addresses(&peer, c, h);
-                            }
-                            self.node.set_reachable(&peer, up);
-                        }
-                    }
-                }
-                _ = sleep_or_forever(sleep_ms) => {
-                    self.node.handle_timeout(self.clock.now_ms());
+                Some(done) = persisted.recv() => state.persisted(done),
+                Some(event) = events.recv() => state.event(event),
+                _ = &mut timer, if armed.is_some() => {
+                    // Re-armed from the core's next deadline on the next turn
+                    // (the clock may have been skewed meanwhile).
+                    armed = None;
+                    state.node.handle_timeout(state.clock.now_ms());
                 }
             }
-            while let Some(output) = self.node.poll_output() {
+            let mut handled = 1;
+            while handled < MAX_EVENTS_PER_TURN {
+                if let Ok(done) = persisted.try_recv() {
+                    state.persisted(done);
+                } else if let Ok(event) = events.try_recv() {
+                    state.event(event);
+                } else {
+                    break;
+                }
+                handled += 1;
+            }
+            while let Some(output) = state.node.poll_output() {
                 match output {
-                    Output::Peer { to, msg } => self.peers.send(&to, msg),
+                    Output::Peer { to, msg } => peers.send(&to, msg),
                     Output::Reply { id, reply, .. } => {
-                        if let Some(to) = waiting.remove(&id) {
+                        if let Some(to) = state.waiting.remove(&id) {
                             to.send(reply);
                         }
                     }
-                    Output::Persist(request) => self.storage.submit(request),
+                    Output::Persist(request) => storage.submit(request),
                 }
             }
         }
         // Every front end still waiting hears "shutting down".
-        for (_, to) in waiting {
+        for (_, to) in state.waiting {
             to.send(shutting_down());
         }
-        self.node
+        state.node
     }
 }
 
-async fn sleep_or_forever(ms: Option<u64>) {
-    match ms {
-        Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-        None => std::future::pending().await,
+/// The core and what the task keeps beside it between events.
+struct Turn {
+    node: Node,
+    clock: Clock,
+    trace: Option<super::PeerTrace>,
+    /// Front ends waiting for an answer, by envelope id.
+    waiting: BTreeMap<u64, ReplyTo>,
+    next_id: u64,
+    draining: bool,
+}
+
+impl Turn {
+    fn persisted(&mut self, done: crate::storage::Persisted) {
+        for id in done.ids {
+            self.node.on_persisted(id, done.error.clone());
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        let now = self.clock.now_ms();
+        match event {
+            Event::Client { reply, .. } if self.draining => reply.send(shutting_down()),
+            Event::Client { request, reply } => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.waiting.insert(id, reply);
+                self.node
+                    .handle_client(now, FRONT_END, ClientEnvelope { id, request });
+            }
+            Event::Peer { from, msgs } => {
+                for msg in msgs {
+                    if let Some(trace) = &self.trace {
+                        trace(&from, self.node.id(), &msg);
+                    }
+                    self.node.handle_peer(now, &from, msg);
+                }
+            }
+            Event::PeerReachable {
+                peer,
+                up,
+                client_addr,
+                http_addr,
+            } => {
+                if let (Some(c), Some(h)) = (&client_addr, &http_addr) {
+                    self.node.learn_addresses(&peer, c, h);
+                }
+                self.node.set_reachable(&peer, up);
+            }
+        }
     }
 }

@@ -49,9 +49,11 @@ pub(crate) enum Event {
         request: ClientRequest,
         reply: ReplyTo,
     },
+    /// Messages from one peer, in the order they arrived (everything one
+    /// read of its connection held).
     Peer {
         from: dynamo_proto::NodeId,
-        msg: dynamo_proto::PeerMessage,
+        msgs: Vec<dynamo_proto::PeerMessage>,
     },
     PeerReachable {
         peer: dynamo_proto::NodeId,

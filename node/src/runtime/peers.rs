@@ -377,41 +377,76 @@ async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
     if write_all_flush(&mut stream, &ours).await.is_err() {
         return;
     }
+    // Everything one read brings goes to the core as one event; a ping is
+    // answered at once, in its place.
+    let mut shutdown = std::pin::pin!(ctx.shutdown.changed());
+    let mut msgs = Vec::new();
     loop {
-        let frame = tokio::select! {
+        loop {
+            match ctx.codec.decode::<PeerMessage>(buf.unread()) {
+                Ok(Some((PeerMessage::Ping { seq }, used))) => {
+                    buf.consume(used);
+                    let Ok(pong) = ctx.codec.encode(&PeerMessage::Pong { seq }) else {
+                        return;
+                    };
+                    if write_all_flush(&mut stream, &pong).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some((msg, used))) => {
+                    buf.consume(used);
+                    msgs.push(msg);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "malformed frame from a peer; connection closed");
+                    // What arrived intact before it still counts.
+                    deliver(&ctx.events, &peer, &mut msgs);
+                    return;
+                }
+            }
+        }
+        if !deliver(&ctx.events, &peer, &mut msgs) {
+            return;
+        }
+        let read = tokio::select! {
             biased;
-            _ = ctx.shutdown.changed() => return,
-            frame = read_frame(&mut stream, &ctx.codec, &mut buf) => frame,
+            _ = &mut shutdown => return,
+            read = buf.fill(&mut stream) => read,
         };
-        match frame {
-            Ok(Some(PeerMessage::Ping { seq })) => {
-                let pong = match ctx.codec.encode(&PeerMessage::Pong { seq }) {
-                    Ok(frame) => frame,
-                    Err(_) => return,
-                };
-                if write_all_flush(&mut stream, &pong).await.is_err() {
-                    return;
+        match read {
+            Ok(0) => {
+                let have = buf.unread().len();
+                if have > 0 {
+                    tracing::warn!(peer = %peer, bytes = have, "peer closed the connection inside a frame");
                 }
+                return;
             }
-            Ok(Some(msg)) => {
-                if ctx
-                    .events
-                    .send(Event::Peer {
-                        from: peer.clone(),
-                        msg,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(None) => return,
+            Ok(_) => {}
             Err(e) => {
-                tracing::warn!(peer = %peer, error = %e, "malformed frame from a peer; connection closed");
+                tracing::warn!(peer = %peer, error = %e, "reading from a peer failed; connection closed");
                 return;
             }
         }
     }
+}
+
+/// Hands `msgs` (if any) to the core as one event; false once the core is gone.
+fn deliver(
+    events: &mpsc::UnboundedSender<Event>,
+    peer: &NodeId,
+    msgs: &mut Vec<PeerMessage>,
+) -> bool {
+    if msgs.is_empty() {
+        return true;
+    }
+    let msgs = std::mem::take(msgs);
+    events
+        .send(Event::Peer {
+            from: peer.clone(),
+            msgs,
+        })
+        .is_ok()
 }
 
 async fn reject(ctx: &PeerContext, stream: &mut TcpStream, reason: String) {

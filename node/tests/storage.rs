@@ -370,6 +370,8 @@ fn identity_refuses_another_clusters_data_directory() {
 struct Instrumented {
     inner: MemoryStorage,
     batches: AtomicUsize,
+    /// Writes handed to the engine, over all batches.
+    writes: AtomicUsize,
     syncs: AtomicUsize,
     fail_writes: bool,
     fail_syncs: bool,
@@ -381,6 +383,7 @@ impl Storage for Instrumented {
     }
     fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
         self.batches.fetch_add(1, Ordering::SeqCst);
+        self.writes.fetch_add(writes.len(), Ordering::SeqCst);
         if self.fail_writes {
             return Err(StorageError::Io {
                 op: "write",
@@ -466,6 +469,39 @@ async fn always_reports_every_request_and_groups_syncs() {
         let r = request(id);
         assert_eq!(storage.get(r.partition, &r.key).unwrap(), Some(r.set));
     }
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn back_to_back_writes_of_one_key_reach_the_engine_once() {
+    let storage = Arc::new(Instrumented::default());
+    let (worker, mut rx) = spawn_storage_worker(storage.clone(), SyncPolicy::Always);
+    // One burst: a hot key written ten times, then another key, then the hot
+    // key again (not adjacent to its earlier writes: written separately).
+    let hot = |id: u64| PersistRequest {
+        id,
+        partition: 1,
+        key: b"hot".to_vec(),
+        set: set(id),
+    };
+    for id in 0..10 {
+        worker.submit(hot(id));
+    }
+    worker.submit(PersistRequest {
+        id: 10,
+        partition: 1,
+        key: b"cold".to_vec(),
+        set: set(10),
+    });
+    worker.submit(hot(11));
+    let (ok, failed) = collect(&mut rx, 12).await;
+    assert!(failed.is_empty());
+    assert_eq!(ok, (0..12).collect::<Vec<_>>(), "every write is reported");
+    assert_eq!(storage.batches.load(Ordering::SeqCst), 1);
+    assert_eq!(storage.writes.load(Ordering::SeqCst), 3);
+    storage.inner.crash();
+    assert_eq!(storage.get(1, b"hot").unwrap(), Some(set(11)));
+    assert_eq!(storage.get(1, b"cold").unwrap(), Some(set(10)));
     worker.shutdown().await.unwrap();
 }
 

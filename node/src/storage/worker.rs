@@ -143,6 +143,16 @@ impl Batch {
         match command {
             Command::Persist(r) => {
                 self.ids.push(r.id);
+                // Back-to-back writes of one key (a hot key under concurrent
+                // writers) collapse into the last: the batch is applied and
+                // synced as one, so the earlier ones would be overwritten
+                // before anyone could read them, and never seen after a crash.
+                if let Some(last) = self.writes.last_mut() {
+                    if last.partition == r.partition && last.key == r.key {
+                        last.set = Some(r.set);
+                        return;
+                    }
+                }
                 self.writes.push(WriteOp {
                     partition: r.partition,
                     key: r.key,

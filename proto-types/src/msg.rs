@@ -177,16 +177,19 @@ pub enum PeerMessage {
     HelloRejected {
         reason: String,
     },
-    /// Merge this set into your copy of `key`, persist, then acknowledge.
+    /// Merge this set into your copy of `key`, persist, then acknowledge
+    /// every request in `reqs`. A coordinator folds back-to-back writes of one
+    /// key to one replica into a single message: `set` is their merge.
     Replicate {
-        req: u64,
+        reqs: Vec<u64>,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         set: DvvSet,
     },
-    /// The replica persisted the merged set (`ok`), or could not (`error`).
+    /// The replica persisted the merged set (`error` is `None`), or could not,
+    /// for every request in `reqs`.
     ReplicateAck {
-        req: u64,
+        reqs: Vec<u64>,
         error: Option<String>,
     },
     /// Send me your copy of `key`.

@@ -164,8 +164,8 @@ impl Pending {
 enum PersistWaiter {
     /// The coordinator's own copy of put `req`.
     Coordinator { req: u64 },
-    /// A replica's acknowledgement owed to `to` for its request `req`.
-    ReplicaAck { to: NodeId, req: u64 },
+    /// A replica's acknowledgement owed to `to` for its requests `reqs`.
+    ReplicaAck { to: NodeId, reqs: Vec<u64> },
     /// Read repair, or anything else no one waits for.
     Nobody,
 }
@@ -192,6 +192,12 @@ pub struct Node {
     /// (deadline, request) for every pending request.
     timers: BTreeSet<(Millis, u64)>,
     outputs: VecDeque<Output>,
+    /// Outputs ever queued and ever collected: output number `i` (counting
+    /// from 0) sits at `outputs[i - popped]` until collected.
+    pushed: u64,
+    popped: u64,
+    /// The number of the last output queued for each peer.
+    last_to_peer: BTreeMap<NodeId, u64>,
     warnings: Vec<String>,
 }
 
@@ -242,6 +248,9 @@ impl Node {
             pending: BTreeMap::new(),
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
+            pushed: 0,
+            popped: 0,
+            last_to_peer: BTreeMap::new(),
             warnings,
         })
     }
@@ -321,7 +330,9 @@ impl Node {
     /// The next thing for the shell to do, if any.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let output = self.outputs.pop_front()?;
+        self.popped += 1;
+        Some(output)
     }
 
     /// When [`Node::handle_timeout`] should next be called.
@@ -364,23 +375,30 @@ impl Node {
             | PeerMessage::HelloRejected { .. }
             | PeerMessage::Ping { .. }
             | PeerMessage::Pong { .. } => {}
-            PeerMessage::Replicate { req, key, set } => {
+            PeerMessage::Replicate { reqs, key, set } => {
                 self.hlc_observe(&set);
                 let waiter = PersistWaiter::ReplicaAck {
                     to: from.clone(),
-                    req,
+                    reqs,
                 };
-                if let Err(error) = self.merge_local(&key, &set, waiter, true) {
+                if let Err(error) = self.merge_local(&key, &set, waiter.clone(), true) {
+                    let PersistWaiter::ReplicaAck { reqs, .. } = waiter else {
+                        unreachable!("built above");
+                    };
                     self.send(
                         from,
                         PeerMessage::ReplicateAck {
-                            req,
+                            reqs,
                             error: Some(error),
                         },
                     );
                 }
             }
-            PeerMessage::ReplicateAck { req, error } => self.on_replicate_ack(from, req, error),
+            PeerMessage::ReplicateAck { reqs, error } => {
+                for req in reqs {
+                    self.on_replicate_ack(from, req, error.clone());
+                }
+            }
             PeerMessage::Read { req, key } => {
                 let partition = self.membership.ring().partition_for_key(&key);
                 match self.load(partition, &key) {
@@ -440,8 +458,8 @@ impl Node {
                 let me = self.config.node.clone();
                 self.on_replicate_ack(&me, req, error);
             }
-            PersistWaiter::ReplicaAck { to, req } => {
-                self.send(&to, PeerMessage::ReplicateAck { req, error });
+            PersistWaiter::ReplicaAck { to, reqs } => {
+                self.send(&to, PeerMessage::ReplicateAck { reqs, error });
             }
             PersistWaiter::Nobody => {}
         }
@@ -676,12 +694,7 @@ impl Node {
         let req = self.next_request();
         for p in &primaries {
             if *p != self.config.node {
-                let msg = PeerMessage::Replicate {
-                    req,
-                    key: key.clone(),
-                    set: outcome.set.clone(),
-                };
-                self.send(p, msg);
+                self.replicate(p, req, &key, &outcome.set);
             }
         }
         self.persist(
@@ -841,7 +854,7 @@ impl Node {
             .insert(key.clone(), (set.clone(), id));
         self.persist_waiters
             .insert(id, (partition, key.clone(), waiter));
-        self.outputs.push_back(Output::Persist(PersistRequest {
+        self.push_output(Output::Persist(PersistRequest {
             id,
             partition,
             key,
@@ -883,17 +896,62 @@ impl Node {
     }
 
     fn send(&mut self, to: &NodeId, msg: PeerMessage) {
-        self.outputs.push_back(Output::Peer {
+        let at = self.pushed;
+        self.push_output(Output::Peer {
             to: to.clone(),
             msg,
         });
+        match self.last_to_peer.get_mut(to) {
+            Some(last) => *last = at,
+            None => {
+                self.last_to_peer.insert(to.clone(), at);
+            }
+        }
+    }
+
+    /// Sends write `req` of `key` to replica `to`, folded into the last
+    /// message queued for `to` when that is a not yet collected `Replicate`
+    /// of the same key: the replica then merges and persists once and
+    /// acknowledges both. Merging is what the replica would have done with the
+    /// two messages in turn, and nothing else for `to` sits between them.
+    fn replicate(&mut self, to: &NodeId, req: u64, key: &[u8], set: &DvvSet) {
+        if let Some(&at) = self.last_to_peer.get(to) {
+            let queued = at
+                .checked_sub(self.popped)
+                .and_then(|i| self.outputs.get_mut(i as usize));
+            if let Some(Output::Peer {
+                msg:
+                    PeerMessage::Replicate {
+                        reqs,
+                        key: queued_key,
+                        set: queued_set,
+                    },
+                ..
+            }) = queued
+            {
+                if queued_key.as_slice() == key {
+                    version::merge_into(queued_set, set, self.config.versioning);
+                    reqs.push(req);
+                    return;
+                }
+            }
+        }
+        let msg = PeerMessage::Replicate {
+            reqs: vec![req],
+            key: key.to_vec(),
+            set: set.clone(),
+        };
+        self.send(to, msg);
+    }
+
+    fn push_output(&mut self, output: Output) {
+        self.outputs.push_back(output);
+        self.pushed += 1;
     }
 
     fn answer(&mut self, origin: Origin, reply: ClientReply) {
         match origin {
-            Origin::Client { client, id } => {
-                self.outputs.push_back(Output::Reply { client, id, reply })
-            }
+            Origin::Client { client, id } => self.push_output(Output::Reply { client, id, reply }),
             Origin::Forwarded { from, req } => {
                 self.send(&from, PeerMessage::ForwardReply { req, reply })
             }

@@ -373,6 +373,67 @@ fn overwrite_mode_supersedes_what_the_coordinator_holds() {
 }
 
 #[test]
+fn back_to_back_writes_of_one_key_reach_each_replica_folded() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("hot");
+    let primaries = c.primaries(&key);
+    let coord = primaries[0].to_string();
+    let set = |v: &str| ClientRequest::Put {
+        key: key.clone(),
+        value: Some(v.as_bytes().to_vec()),
+        context: None,
+        w: None,
+        mode: WriteMode::Overwrite,
+    };
+    // Everything below is submitted before the coordinator's outputs are
+    // collected, as when a burst of clients' writes lands in one turn.
+    let mut reqs = vec![
+        c.submit(&coord, set("1")),
+        c.submit(&coord, set("2")),
+        // Blind puts supersede nothing: "2", "3" and "4" end up siblings.
+        c.submit(&coord, put_req(&key, Some(b"3"), None, None)),
+        c.submit(&coord, put_req(&key, Some(b"4"), None, None)),
+    ];
+    // Another key between them: the write after it travels on its own.
+    reqs.push(c.submit(&coord, put_req(b"other", Some(b"x"), None, None)));
+    reqs.push(c.submit(&coord, put_req(&key, Some(b"5"), None, None)));
+    for req in reqs {
+        expect_put(c.wait(req));
+    }
+    c.settle();
+    let replicates: Vec<&String> = c
+        .delivered
+        .iter()
+        .filter(|m| m.contains("Replicate {"))
+        .collect();
+    assert_eq!(replicates.len(), 6, "{replicates:#?}");
+    for replica in &primaries[1..] {
+        let to_it: Vec<&&String> = replicates
+            .iter()
+            .filter(|m| m.starts_with(&format!("{coord}->{replica}:")))
+            .collect();
+        assert_eq!(to_it.len(), 3, "{to_it:#?}");
+        assert!(to_it[0].contains("reqs: [1, 2, 3, 4]"), "{}", to_it[0]);
+        assert!(to_it[1].contains("reqs: [5]"), "{}", to_it[1]);
+        assert!(to_it[2].contains("reqs: [6]"), "{}", to_it[2]);
+        let acks = c
+            .delivered
+            .iter()
+            .filter(|m| m.starts_with(&format!("{replica}->{coord}: ReplicateAck")))
+            .count();
+        assert_eq!(
+            acks, 3,
+            "one acknowledgement per message, each for all its writes"
+        );
+    }
+    for n in &primaries {
+        let mut held = set_values(&c.durable(n.as_str(), &key).unwrap());
+        held.sort();
+        assert_eq!(held, ["2", "3", "4", "5"], "{n}");
+    }
+}
+
+#[test]
 fn lww_mode_keeps_one_value() {
     let mut config = Config::new("n1");
     config.q = 64;

@@ -8,7 +8,8 @@
 #   2. builds `dynamo` (release) and starts `dynamo dev --nodes 3 --sync always`
 #      (N=3 R=2 W=2) on free loopback ports, data in a temporary directory;
 #   3. starts redis-server (appendonly, appendfsync always) and a one-node etcd;
-#   4. redis-benchmark against Redis and against node 1's RESP listener;
+#   4. redis-benchmark against Redis and against node 1's RESP listener, on
+#      redis-benchmark's one key and on 100,000 random keys (-r);
 #      `dynamo bench` at 100 B and 4 KiB (read ratio 0.5), puts only at 100 B,
 #      and an open loop at 70% of the 100 B closed-loop throughput;
 #      wrk POSTing distinct keys to etcd's v3 HTTP gateway;
@@ -355,9 +356,10 @@ csv_rps() {
     awk -F'","' -v t="$2" '{ gsub(/^"|"$/, "", $1) } $1 == t { gsub(/"/, "", $2); print $2 }' "$1"
 }
 
-run_redis_benchmark() { # name port
+run_redis_benchmark() { # name port, then more redis-benchmark flags
     local name=$1 port=$2 cmd
-    cmd=(redis-benchmark -h 127.0.0.1 -p "$port" -t set,get -c "$CONCURRENCY" -n "$REDIS_N" -q --csv)
+    shift 2
+    cmd=(redis-benchmark -h 127.0.0.1 -p "$port" -t set,get -c "$CONCURRENCY" -n "$REDIS_N" -q --csv "$@")
     record "${cmd[@]}"
     log "redis-benchmark against $name (port $port, $REDIS_N requests per test)"
     run_load 600 "$WORK/results/$name.csv" "${cmd[@]}" ||
@@ -370,6 +372,9 @@ run_redis_benchmark() { # name port
 }
 run_redis_benchmark redis "$REDIS_PORT"
 run_redis_benchmark resp "$RESP_PORT"
+# The same with a key drawn from 100,000 per request: no hot key to fold writes on.
+run_redis_benchmark redis-r "$REDIS_PORT" -r 100000
+run_redis_benchmark resp-r "$RESP_PORT" -r 100000
 
 # json_field FILE FIELD
 json_field() {
@@ -481,6 +486,8 @@ def bench(name):
 
 redis_set, redis_get = rps("redis", "SET"), rps("redis", "GET")
 resp_set, resp_get = rps("resp", "SET"), rps("resp", "GET")
+redis_set_r, redis_get_r = rps("redis-r", "SET"), rps("redis-r", "GET")
+resp_set_r, resp_get_r = rps("resp-r", "SET"), rps("resp-r", "GET")
 mixed, mixed4k = bench("mixed-100"), bench("mixed-4k")
 puts, openl = bench("puts-100"), bench("open-100")
 etcd = float(os.environ["ETCD_RPS"])
@@ -504,6 +511,8 @@ def row(what, ours, base=None, base_name="", target=None, unit="/s"):
 
 row("RESP SET (redis-benchmark, node 1)", resp_set, redis_set, "redis SET", 0.5)
 row("RESP GET (redis-benchmark, node 1)", resp_get, redis_get, "redis GET", 0.5)
+row("RESP SET, 100k random keys (`-r 100000`)", resp_set_r, redis_set_r, "redis SET")
+row("RESP GET, 100k random keys (`-r 100000`)", resp_get_r, redis_get_r, "redis GET")
 row("dynamo bench puts only, 100 B", puts["throughput_ops_per_s"], etcd, "etcd put", 5)
 row("dynamo bench 50% reads, 100 B (ops)", mixed["throughput_ops_per_s"])
 row("  of which puts, 100 B", mixed["write_ops_per_s"], etcd, "etcd put")
@@ -585,7 +594,10 @@ $TABLE
 
 Notes:
 - redis-benchmark without \`-r\` uses one key (\`key:__rand_int__\`) for every SET and GET,
-  against Redis and against node 1's RESP listener alike.
+  against Redis and against node 1's RESP listener alike. Back-to-back writes of that one
+  key are folded: one replication message per replica and one storage write per group
+  commit carry several SETs (each still acknowledged only once durable on W nodes). The
+  \`-r 100000\` rows draw a key per request from 100,000, where nothing folds.
 - \`dynamo bench\` sends every request to a primary of its key (\`--node\` lists all three
   nodes); puts are blind overwrites; the 50%-read runs \`--prefill\` every key first.
   Its workers share $CONNECTIONS pipelined connections per node (replies matched by id, as

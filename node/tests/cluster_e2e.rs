@@ -260,7 +260,7 @@ fn junk(len: usize) -> Vec<u8> {
     out
 }
 
-/// A frame header: magic, protocol version 1, payload length.
+/// A frame header: magic, the protocol version, payload length.
 fn header(len: u32) -> Vec<u8> {
     let mut h = dynamo_proto::frame::MAGIC.to_vec();
     h.extend_from_slice(&dynamo_proto::PROTOCOL_VERSION.to_be_bytes());

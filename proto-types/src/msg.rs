@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version carried in every frame header. Bump it whenever a
 /// message's encoding changes; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// How a write treats the versions it did not name in its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -381,10 +381,9 @@ impl Node {
                     to: from.clone(),
                     reqs,
                 };
-                if let Err(error) = self.merge_local(&key, &set, waiter.clone(), true) {
-                    let PersistWaiter::ReplicaAck { reqs, .. } = waiter else {
-                        unreachable!("built above");
-                    };
+                if let Err((error, PersistWaiter::ReplicaAck { reqs, .. })) =
+                    self.merge_local(&key, &set, waiter, true)
+                {
                     self.send(
                         from,
                         PeerMessage::ReplicateAck {
@@ -411,7 +410,7 @@ impl Node {
             PeerMessage::ReadReply { req, set } => self.on_read_reply(from, req, set),
             PeerMessage::Repair { key, set } => {
                 self.hlc_observe(&set);
-                if let Err(e) = self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
+                if let Err((e, _)) = self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
                     tracing::error!(error = %e, "read repair could not be applied");
                 }
             }
@@ -616,7 +615,7 @@ impl Node {
                 continue;
             }
             if *node == self.config.node {
-                if let Err(e) =
+                if let Err((e, _)) =
                     self.merge_local(&get.key, &get.merged, PersistWaiter::Nobody, false)
                 {
                     tracing::error!(error = %e, "local read repair failed");
@@ -828,16 +827,21 @@ impl Node {
 
     /// Merges `incoming` into the local copy of `key` and persists the result.
     /// With `always_persist`, persists even when nothing changed (a replica must
-    /// still acknowledge a duplicate replication once it is durable).
+    /// still acknowledge a duplicate replication once it is durable). When the
+    /// local copy cannot be read, the error comes back with `waiter`.
     fn merge_local(
         &mut self,
         key: &[u8],
         incoming: &DvvSet,
         waiter: PersistWaiter,
         always_persist: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, PersistWaiter)> {
         let partition = self.membership.ring().partition_for_key(key);
-        let mut local = self.load(partition, key)?.unwrap_or_default();
+        let mut local = match self.load(partition, key) {
+            Ok(set) => set.unwrap_or_default(),
+            // The waiter comes back so its owner can be told.
+            Err(e) => return Err((e, waiter)),
+        };
         let changed = version::merge_into(&mut local, incoming, self.config.versioning);
         if changed || always_persist {
             self.persist(partition, key.to_vec(), local, waiter);

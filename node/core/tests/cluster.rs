@@ -434,6 +434,44 @@ fn back_to_back_writes_of_one_key_reach_each_replica_folded() {
 }
 
 #[test]
+fn a_replica_that_cannot_read_fails_every_folded_write_at_once() {
+    let mut c = Cluster::new(3, 3, 2, 3);
+    let key = k("hot");
+    let primaries = c.primaries(&key);
+    let coord = primaries[0].to_string();
+    c.node_mut(primaries[1].as_str())
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .fail_reads = true;
+    let first = c.submit(&coord, put_req(&key, Some(b"1"), None, None));
+    let second = c.submit(&coord, put_req(&key, Some(b"2"), None, None));
+    let before = c.now;
+    for req in [first, second] {
+        let reply = c.wait(req);
+        assert!(
+            matches!(
+                reply,
+                ClientReply::Error(ClientError::Quorum { needed: 3, .. })
+            ),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(
+        c.now, before,
+        "both failed on the error acknowledgement, not by timeout"
+    );
+    let acks: Vec<&String> = c
+        .delivered
+        .iter()
+        .filter(|m| m.starts_with(&format!("{}->{coord}: ReplicateAck", primaries[1])))
+        .collect();
+    assert_eq!(acks.len(), 1, "{acks:#?}");
+    assert!(acks[0].contains("reqs: [1, 2]") && acks[0].contains("injected read failure"));
+}
+
+#[test]
 fn lww_mode_keeps_one_value() {
     let mut config = Config::new("n1");
     config.q = 64;

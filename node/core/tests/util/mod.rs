@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 pub struct Disk {
     pub durable: BTreeMap<(u32, Vec<u8>), DvvSet>,
     pub volatile: BTreeMap<(u32, Vec<u8>), DvvSet>,
+    /// While set, every read fails (a broken disk).
+    pub fail_reads: bool,
 }
 
 #[derive(Clone, Default)]
@@ -25,6 +27,9 @@ pub struct DiskHandle(pub Arc<Mutex<Disk>>);
 impl LocalStore for DiskHandle {
     fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StoreError> {
         let disk = self.0.lock().unwrap();
+        if disk.fail_reads {
+            return Err(StoreError("injected read failure".into()));
+        }
         let slot = (partition, key.to_vec());
         Ok(disk
             .volatile

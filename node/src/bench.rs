@@ -124,7 +124,9 @@ pub struct BenchArgs {
     pub requests: Option<u64>,
     /// Open loop: schedule this many operations per second in total, and measure
     /// latency from each one's scheduled start. Without it: closed loop, as fast
-    /// as the workers go.
+    /// as the workers go. Each worker has one operation in flight and owns every
+    /// `--concurrency`-th slot, so give it workers enough for a slow answer not to
+    /// delay the schedule: rate x 0.05 allows 50 ms per answer.
     #[arg(long, value_name = "OPS_PER_SEC", value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// Write quorum per write (default: the cluster's W).

@@ -367,4 +367,50 @@ mod tests {
             }
         }
     }
+
+    /// The nice value of every thread of this process whose name starts with
+    /// `prefix` (field 19 of /proc/self/task/TID/stat, after the parenthesised name).
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads(prefix: &str) -> Vec<i32> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            // Fields from 3 (state) on; nice is field 19.
+            let nice = after_name.split(' ').nth(19 - 3).unwrap();
+            found.push(nice.parse().unwrap());
+        }
+        found
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn background_threads_run_at_the_lowest_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = FjallStorage::open(dir.path()).unwrap();
+        // Other tests open databases concurrently, and a database's workers run
+        // at normal priority until its open lowers them, so wait for every
+        // thread to settle. The reclaim thread lowers itself as it starts.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fjall = nice_of_threads("fjall:");
+            let reclaim = nice_of_threads("dynamo-reclaim");
+            let lowered =
+                |nices: &[i32]| !nices.is_empty() && nices.iter().all(|&n| n == background::NICE);
+            if lowered(&fjall) && lowered(&reclaim) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nice values: fjall workers {fjall:?}, reclaim threads {reclaim:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -293,28 +293,34 @@ mod background {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dynamo_proto::{Actor, Dot, Hlc, Sibling};
+    use dynamo_core::version::{self, Versioning};
+    use dynamo_proto::{Actor, Hlc, WriteMode};
     use std::time::{Duration, Instant};
 
+    /// The set a blind write of `len` bytes leaves on an empty key.
     fn value_set(n: u64, len: usize) -> DvvSet {
         let actor = Actor {
             incarnation: 7,
             epoch: 1,
         };
-        let dot = Dot { actor, counter: n };
-        let mut s = DvvSet::default();
-        s.context.vv.insert(actor, n);
-        s.siblings.insert(
-            dot,
-            Sibling {
-                value: Some(vec![(n % 251) as u8; len]),
-                timestamp: Hlc {
-                    wall_ms: n,
-                    logical: 0,
-                },
-            },
-        );
-        s
+        let timestamp = Hlc {
+            wall_ms: n,
+            logical: 0,
+        };
+        let value = Some(vec![(n % 251) as u8; len]);
+        let mode = WriteMode::Overwrite;
+        version::write(
+            &DvvSet::default(),
+            None,
+            mode,
+            value,
+            actor,
+            timestamp,
+            Versioning::Dvv,
+            1,
+        )
+        .unwrap()
+        .set
     }
 
     #[test]

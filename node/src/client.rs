@@ -21,6 +21,7 @@
 //! `tokio::io`, which madsim replaces, so the simulator reuses this very client.
 //! It never reads the OS clock directly and never iterates a hash-ordered map.
 
+use crate::gather::gather;
 use crate::read_buf::ReadBuf;
 use dynamo_core::ring::Ring;
 use dynamo_proto::frame::DEFAULT_MAX_PAYLOAD;
@@ -483,9 +484,7 @@ async fn shared_writer<W: tokio::io::AsyncWrite + Unpin>(
     let mut buf = Vec::with_capacity(16 * 1024);
     while let Some(first) = queue.recv().await {
         buf.clear();
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(envelope) = next {
+        gather(first, &mut queue, SHARED_WRITE_BATCH, |envelope| {
             if let Err(e) = codec.encode_into(&envelope, &mut buf) {
                 // Only this request fails; nothing of it was written.
                 let waiter = state
@@ -497,13 +496,8 @@ async fn shared_writer<W: tokio::io::AsyncWrite + Unpin>(
                     let _ = tx.send(Err(ClientIoError::Encode(e)));
                 }
             }
-            count += 1;
-            next = if count < SHARED_WRITE_BATCH {
-                queue.try_recv().ok()
-            } else {
-                None
-            };
-        }
+        })
+        .await;
         if buf.is_empty() {
             continue;
         }

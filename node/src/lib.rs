@@ -10,6 +10,7 @@ pub mod config;
 pub mod context_token;
 #[cfg(not(madsim))]
 pub mod dev;
+mod gather;
 #[cfg(not(madsim))]
 pub mod http;
 mod read_buf;

@@ -12,6 +12,7 @@
 //! runs this very code.
 
 use super::handle::Event;
+use crate::gather::gather;
 use crate::read_buf::ReadBuf;
 use dynamo_core::HelloCheck;
 use dynamo_proto::{FrameCodec, FrameError, Hello, NodeId, PeerMessage};
@@ -202,31 +203,12 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
             },
         };
         buf.clear();
-        let mut count = 0;
-        let mut next = Some(first);
-        let mut yielded = false;
-        loop {
-            while let Some(msg) = next {
-                if let Err(e) = ctx.codec.encode_into(&msg, &mut buf) {
-                    tracing::error!(error = %e, "dropping a message that cannot be framed");
-                }
-                count += 1;
-                next = if count < MAX_BATCH {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
+        gather(first, rx, MAX_BATCH, |msg| {
+            if let Err(e) = ctx.codec.encode_into(&msg, &mut buf) {
+                tracing::error!(error = %e, "dropping a message that cannot be framed");
             }
-            // Let the tasks that are ready run once (the core, the readers),
-            // so what they produce joins this write instead of costing a
-            // syscall of its own.
-            if yielded || count >= MAX_BATCH {
-                break;
-            }
-            yielded = true;
-            tokio::task::yield_now().await;
-            next = rx.try_recv().ok();
-        }
+        })
+        .await;
         if let Err(e) = write_all_flush(writer, &buf).await {
             return PumpEnd::Failed(e.to_string());
         }

@@ -17,6 +17,8 @@
 //! - `DELETE /kv/{key}`: optional `X-Dynamo-Context` and `?w=`. 204 with the
 //!   context of the delete.
 //! - `GET /health`, `GET /cluster`.
+//! - `GET /metrics`: the node's counters and histograms in the Prometheus text
+//!   format ([`crate::metrics`]).
 //!
 //! Keys are the percent-decoded bytes of the path after `/kv/` (slashes
 //! included). Every error answers JSON `{"error": "..."}`.
@@ -49,7 +51,7 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest plain-text error body the JSON wrapper reads back.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-const ROUTES: &str = "PUT, GET or DELETE /kv/{key}, GET /health, GET /cluster";
+const ROUTES: &str = "PUT, GET or DELETE /kv/{key}, GET /health, GET /cluster, GET /metrics";
 
 /// The HTTP API for one node.
 pub fn router(handle: CoreHandle) -> Router {
@@ -63,6 +65,7 @@ pub fn router(handle: CoreHandle) -> Router {
         .route("/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
         .route("/health", get(health))
         .route("/cluster", get(cluster))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -538,6 +541,18 @@ async fn cluster(State(handle): State<CoreHandle>) -> ApiResult {
     }
 }
 
+/// Prometheus scrapes this; it never waits for the core.
+async fn metrics(State(handle): State<CoreHandle>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        handle.metrics.render(),
+    )
+        .into_response()
+}
+
 fn cluster_json(info: &ClusterInfo) -> Value {
     let members: Vec<Value> = info
         .members
@@ -601,7 +616,7 @@ mod tests {
         let recorded = requests.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
-                let Event::Client { request, reply } = event else {
+                let Event::Client { request, reply, .. } = event else {
                     panic!("a front end sent a non-client event");
                 };
                 recorded.lock().unwrap().push(request.clone());
@@ -618,6 +633,7 @@ mod tests {
                 max_value_bytes: MAX_VALUE,
                 max_frame_bytes: 1024,
             }),
+            metrics: crate::metrics::Metrics::for_tests("n1"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -13,6 +13,7 @@ pub mod dev;
 mod gather;
 #[cfg(not(madsim))]
 pub mod http;
+pub mod metrics;
 mod read_buf;
 /// The Redis-protocol front end (only `tokio::net`/`io`/`sync`, so it also
 /// builds under madsim).

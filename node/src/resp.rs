@@ -481,7 +481,7 @@ mod tests {
         let recorded = requests.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
-                let Event::Client { request, reply } = event else {
+                let Event::Client { request, reply, .. } = event else {
                     panic!("a front end sent a non-client event");
                 };
                 recorded.lock().unwrap().push(request.clone());
@@ -530,6 +530,7 @@ mod tests {
                 max_value_bytes: 1024,
                 max_frame_bytes: 1 << 20,
             }),
+            metrics: crate::metrics::Metrics::for_tests("n1"),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

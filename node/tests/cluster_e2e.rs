@@ -499,6 +499,105 @@ fn sigterm_exits_zero_and_keeps_acknowledged_writes() {
     }
 }
 
+/// The value of the one sample `name` (labels included) on a `/metrics` page.
+fn sample(page: &str, name: &str) -> f64 {
+    let values: Vec<f64> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .collect();
+    assert_eq!(values.len(), 1, "{name} on\n{page}");
+    values[0]
+}
+
+#[test]
+fn metrics_count_requests_group_commits_and_peer_traffic() {
+    let c = Cluster::start(3, &[]);
+    c.wait_connected();
+    for (i, key) in ["m1", "m2", "m3"].iter().enumerate() {
+        put_ok(
+            &c,
+            0,
+            &format!("/kv/{key}"),
+            None,
+            format!("v{i}").as_bytes(),
+        );
+    }
+    get_one(&c, 0, "m1");
+    get_one(&c, 0, "m2");
+    assert_eq!(c.get(0, "/kv/never").status, 404);
+
+    let resp = c.get(0, "/metrics");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let page = resp.text();
+    let info = format!(
+        "dynamo_node_info{{node=\"{}\",version=\"{}\"}}",
+        c.name(0),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&page, &info), 1.0);
+    // This node's front end submitted them, whoever coordinated.
+    let requests = |kind: &str, outcome: &str| {
+        sample(
+            &page,
+            &format!("dynamo_client_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(requests("put", "ok"), 3.0);
+    // A missing key is an answered get, not an error.
+    assert_eq!(requests("get", "ok"), 3.0);
+    assert_eq!(requests("put", "quorum"), 0.0);
+    assert_eq!(
+        sample(
+            &page,
+            "dynamo_client_request_duration_seconds_count{kind=\"put\"}"
+        ),
+        3.0
+    );
+    assert_eq!(sample(&page, "dynamo_client_requests_in_flight"), 0.0);
+    assert_eq!(sample(&page, "dynamo_peers"), 2.0);
+    assert_eq!(sample(&page, "dynamo_peers_reachable"), 2.0);
+    assert!(
+        sample(&page, "dynamo_peer_messages_sent_total") > 0.0,
+        "{page}"
+    );
+    assert!(
+        sample(&page, "dynamo_peer_messages_received_total") > 0.0,
+        "{page}"
+    );
+
+    // Every node holds a replica of every key (N = 3 of 3): three writes reached
+    // each one's storage worker, in group commits that each synced once (read
+    // once no batch is between its count and its sync).
+    for i in 0..3 {
+        let page = wait_until(
+            &format!("n{}'s group commits to settle", i + 1),
+            CONDITION_DEADLINE,
+            || {
+                let page = c.get(i, "/metrics").text();
+                let batches = sample(&page, "dynamo_storage_batches_total");
+                let synced = sample(&page, "dynamo_storage_sync_seconds_count");
+                (batches == synced).then_some(page)
+            },
+        );
+        assert!(
+            sample(&page, "dynamo_storage_persist_requests_total") >= 3.0,
+            "n{}: {page}",
+            i + 1
+        );
+        let batches = sample(&page, "dynamo_storage_batches_total");
+        assert!(batches >= 1.0, "n{}: {page}", i + 1);
+        assert_eq!(
+            sample(&page, "dynamo_storage_batch_requests_count"),
+            batches
+        );
+        assert_eq!(sample(&page, "dynamo_storage_failures_total"), 0.0);
+    }
+}
+
 #[test]
 fn cluster_endpoint_lists_members_and_settings() {
     let c = Cluster::start(3, &["--partitions", "64"]);

@@ -8,10 +8,13 @@
 use super::clock::Clock;
 use super::handle::{shutting_down, Event, ReplyTo};
 use super::peers::PeerSenders;
+use crate::metrics::{Metrics, RequestKind};
 use crate::storage::StorageWorker;
 use dynamo_core::{ClientId, Node, Output};
-use dynamo_proto::ClientEnvelope;
-use std::collections::BTreeMap;
+use dynamo_proto::{ClientEnvelope, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -28,6 +31,7 @@ pub(crate) struct CoreTask {
     pub storage: StorageWorker,
     pub shutdown: watch::Receiver<bool>,
     pub trace: Option<super::PeerTrace>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Events handled per wakeup at most before the core's outputs go out, so a
@@ -54,6 +58,7 @@ impl CoreTask {
             storage,
             mut shutdown,
             trace,
+            metrics,
         } = self;
         let mut state = Turn {
             node,
@@ -62,6 +67,8 @@ impl CoreTask {
             waiting: BTreeMap::new(),
             next_id: 1,
             draining: false,
+            reachable: BTreeSet::new(),
+            metrics,
         };
         let mut shutdown_signal = std::pin::pin!(shutdown.changed());
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -110,12 +117,22 @@ impl CoreTask {
                 }
                 handled += 1;
             }
+            state.metrics.core_turns.fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .core_events
+                .fetch_add(handled as u64, Ordering::Relaxed);
             while let Some(output) = state.node.poll_output() {
                 match output {
                     Output::Peer { to, msg } => peers.send(&to, msg),
                     Output::Reply { id, reply, .. } => {
-                        if let Some(to) = state.waiting.remove(&id) {
-                            to.send(reply);
+                        if let Some(waiting) = state.waiting.remove(&id) {
+                            state.metrics.requests.answered(
+                                waiting.kind,
+                                &reply,
+                                waiting.at.elapsed(),
+                            );
+                            waiting.reply.send(reply);
                         }
                     }
                     Output::Persist(request) => storage.submit(request),
@@ -123,8 +140,11 @@ impl CoreTask {
             }
         }
         // Every front end still waiting hears "shutting down".
-        for (_, to) in state.waiting {
-            to.send(shutting_down());
+        for (_, waiting) in state.waiting {
+            let reply = shutting_down();
+            let took = waiting.at.elapsed();
+            state.metrics.requests.answered(waiting.kind, &reply, took);
+            waiting.reply.send(reply);
         }
         state.node
     }
@@ -136,9 +156,19 @@ struct Turn {
     clock: Clock,
     trace: Option<super::PeerTrace>,
     /// Front ends waiting for an answer, by envelope id.
-    waiting: BTreeMap<u64, ReplyTo>,
+    waiting: BTreeMap<u64, Waiting>,
     next_id: u64,
     draining: bool,
+    /// Peers reported reachable (for the metrics gauge).
+    reachable: BTreeSet<NodeId>,
+    metrics: Arc<Metrics>,
+}
+
+/// A client request the core has not answered yet.
+struct Waiting {
+    reply: ReplyTo,
+    kind: RequestKind,
+    at: tokio::time::Instant,
 }
 
 impl Turn {
@@ -151,11 +181,19 @@ impl Turn {
     fn event(&mut self, event: Event) {
         let now = self.clock.now_ms();
         match event {
-            Event::Client { reply, .. } if self.draining => reply.send(shutting_down()),
-            Event::Client { request, reply } => {
+            Event::Client { request, reply, at } if self.draining => {
+                let answer = shutting_down();
+                self.metrics.requests.started();
+                let kind = RequestKind::of(&request);
+                self.metrics.requests.answered(kind, &answer, at.elapsed());
+                reply.send(answer);
+            }
+            Event::Client { request, reply, at } => {
                 let id = self.next_id;
                 self.next_id += 1;
-                self.waiting.insert(id, reply);
+                self.metrics.requests.started();
+                let kind = RequestKind::of(&request);
+                self.waiting.insert(id, Waiting { reply, kind, at });
                 self.node
                     .handle_client(now, FRONT_END, ClientEnvelope { id, request });
             }
@@ -176,6 +214,15 @@ impl Turn {
                 if let (Some(c), Some(h)) = (&client_addr, &http_addr) {
                     self.node.learn_addresses(&peer, c, h);
                 }
+                if up {
+                    self.reachable.insert(peer.clone());
+                } else {
+                    self.reachable.remove(&peer);
+                }
+                let reachable = self.reachable.len() as u64;
+                self.metrics
+                    .peers_reachable
+                    .store(reachable, Ordering::Relaxed);
                 self.node.set_reachable(&peer, up);
             }
         }

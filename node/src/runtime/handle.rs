@@ -48,6 +48,8 @@ pub(crate) enum Event {
     Client {
         request: ClientRequest,
         reply: ReplyTo,
+        /// When the front end submitted it (the request's latency starts here).
+        at: tokio::time::Instant,
     },
     /// Messages from one peer, in the order they arrived (everything one
     /// read of its connection held).
@@ -68,6 +70,8 @@ pub(crate) enum Event {
 pub struct CoreHandle {
     pub(crate) events: mpsc::UnboundedSender<Event>,
     pub info: Arc<NodeInfo>,
+    /// The node's counters (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl CoreHandle {
@@ -89,6 +93,7 @@ impl CoreHandle {
         let _ = self.events.send(Event::Client {
             request,
             reply: ReplyTo::Once(reply),
+            at: tokio::time::Instant::now(),
         });
         rx
     }
@@ -102,7 +107,12 @@ impl CoreHandle {
         id: u64,
     ) {
         let reply = ReplyTo::Conn { tx: tx.clone(), id };
-        if self.events.send(Event::Client { request, reply }).is_err() {
+        let at = tokio::time::Instant::now();
+        if self
+            .events
+            .send(Event::Client { request, reply, at })
+            .is_err()
+        {
             let _ = tx.send(ClientReplyEnvelope {
                 id,
                 reply: shutting_down(),

@@ -17,6 +17,7 @@ pub use clock::Clock;
 pub use handle::{CoreHandle, NodeInfo};
 
 use crate::config::ServerConfig;
+use crate::metrics::Metrics;
 use crate::storage::{open_identity, spawn_storage_worker, Storage, StorageWorker, StoreReader};
 use anyhow::Context as _;
 use dynamo_core::{Member, Node};
@@ -116,6 +117,11 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
     let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
     let (storage, persisted) = spawn_storage_worker(env.storage.clone(), config.sync);
+    let metrics = Arc::new(Metrics::new(&config.node_id, storage.metrics()));
+    metrics.peers_known.store(
+        config.peers.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let codec = FrameCodec::new(config.max_frame_bytes());
     let peer_ctx = peers::PeerContext {
         hello: node.hello(),
@@ -123,6 +129,7 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
         codec,
         events: events_tx.clone(),
         shutdown: stop_peers_rx,
+        metrics: metrics.clone(),
     };
     let peer_list: Vec<(NodeId, String)> = config
         .peers
@@ -144,6 +151,7 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
             max_value_bytes: config.max_value_bytes,
             max_frame_bytes: config.max_frame_bytes(),
         }),
+        metrics: metrics.clone(),
     };
     tokio::spawn(client_port::accept_loop(
         client_listener,
@@ -160,6 +168,7 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
             storage: storage.clone(),
             shutdown: shutdown_rx,
             trace: env.trace,
+            metrics,
         }
         .run(),
     );

@@ -13,10 +13,13 @@
 
 use super::handle::Event;
 use crate::gather::gather;
+use crate::metrics::Metrics;
 use crate::read_buf::ReadBuf;
 use dynamo_core::HelloCheck;
 use dynamo_proto::{FrameCodec, FrameError, Hello, NodeId, PeerMessage};
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,6 +62,7 @@ pub(crate) struct PeerContext {
     pub codec: FrameCodec,
     pub events: mpsc::UnboundedSender<Event>,
     pub shutdown: watch::Receiver<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts one outbound connection task per peer.
@@ -86,6 +90,7 @@ async fn outbound(
         }
         match connect_and_greet(&ctx, &peer, &addr).await {
             Ok((stream, theirs)) => {
+                ctx.metrics.peers.connects.fetch_add(1, Ordering::Relaxed);
                 backoff = BACKOFF_MIN;
                 reported_down = false;
                 tracing::info!(peer = %peer, %addr, "connected to peer");
@@ -101,11 +106,19 @@ async fn outbound(
                 match pump(&mut ctx, stream, &mut rx).await {
                     PumpEnd::Shutdown | PumpEnd::Closed => return,
                     PumpEnd::Failed(e) => {
+                        ctx.metrics
+                            .peers
+                            .connect_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(peer = %peer, error = %e, "peer connection lost");
                     }
                 }
             }
             Err(e) => {
+                ctx.metrics
+                    .peers
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 if !reported_down {
                     tracing::warn!(peer = %peer, %addr, error = %e, "cannot reach peer; retrying");
                 }
@@ -203,7 +216,7 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
             },
         };
         buf.clear();
-        gather(first, rx, MAX_BATCH, |msg| {
+        let count = gather(first, rx, MAX_BATCH, |msg| {
             if let Err(e) = ctx.codec.encode_into(&msg, &mut buf) {
                 tracing::error!(error = %e, "dropping a message that cannot be framed");
             }
@@ -212,6 +225,10 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
         if let Err(e) = write_all_flush(writer, &buf).await {
             return PumpEnd::Failed(e.to_string());
         }
+        let m = &ctx.metrics.peers;
+        m.messages_sent.fetch_add(count as u64, Ordering::Relaxed);
+        m.writes.fetch_add(1, Ordering::Relaxed);
+        m.bytes_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -363,11 +380,13 @@ async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
     // answered at once, in its place.
     let mut shutdown = std::pin::pin!(ctx.shutdown.changed());
     let mut msgs = Vec::new();
+    let received = &ctx.metrics.peers.messages_received;
     loop {
         loop {
             match ctx.codec.decode::<PeerMessage>(buf.unread()) {
                 Ok(Some((PeerMessage::Ping { seq }, used))) => {
                     buf.consume(used);
+                    received.fetch_add(1, Ordering::Relaxed);
                     let Ok(pong) = ctx.codec.encode(&PeerMessage::Pong { seq }) else {
                         return;
                     };
@@ -377,6 +396,7 @@ async fn inbound(mut ctx: PeerContext, mut stream: TcpStream, from: String) {
                 }
                 Ok(Some((msg, used))) => {
                     buf.consume(used);
+                    received.fetch_add(1, Ordering::Relaxed);
                     msgs.push(msg);
                 }
                 Ok(None) => break,

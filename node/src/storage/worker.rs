@@ -12,12 +12,14 @@
 //! blocking write and fsync run on tokio's blocking pool (`spawn_blocking`); in the
 //! simulator they run inline, where the memory engine does not block.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Storage, StorageError, SyncPolicy, WriteOp};
+use crate::metrics::StorageMetrics;
 
 /// At most this many requests go into one batch, so that one batch's write stays
 /// short and its acknowledgements are not held back by an endless queue.
@@ -52,6 +54,7 @@ pub struct StorageWorker {
     commands: mpsc::UnboundedSender<Command>,
     /// Reports requests submitted after the worker stopped as failed.
     persisted: mpsc::UnboundedSender<Persisted>,
+    metrics: Arc<StorageMetrics>,
 }
 
 /// Starts the worker as a tokio task. Outcomes arrive on the returned receiver in
@@ -62,18 +65,21 @@ pub fn spawn_storage_worker(
 ) -> (StorageWorker, mpsc::UnboundedReceiver<Persisted>) {
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (persisted, persisted_rx) = mpsc::unbounded_channel();
+    let metrics = Arc::new(StorageMetrics::default());
     let worker = Worker {
         storage,
         policy,
         commands: commands_rx,
         persisted: persisted.clone(),
         dirty: false,
+        metrics: metrics.clone(),
     };
     tokio::spawn(worker.run());
     (
         StorageWorker {
             commands,
             persisted,
+            metrics,
         },
         persisted_rx,
     )
@@ -84,6 +90,7 @@ impl StorageWorker {
     /// is persisted, or with an error if it failed (including when the worker has
     /// stopped).
     pub fn submit(&self, request: PersistRequest) {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(Command::Persist(request))) =
             self.commands.send(Command::Persist(request))
         {
@@ -97,6 +104,11 @@ impl StorageWorker {
                 error: Some(StorageError::WorkerStopped.to_string()),
             });
         }
+    }
+
+    /// The worker's counters: group commits, their sizes, write and sync times.
+    pub fn metrics(&self) -> Arc<StorageMetrics> {
+        self.metrics.clone()
     }
 
     /// Applies and syncs every write submitted before this call, whatever the
@@ -127,6 +139,7 @@ struct Worker {
     persisted: mpsc::UnboundedSender<Persisted>,
     /// Writes were applied since the last successful sync.
     dirty: bool,
+    metrics: Arc<StorageMetrics>,
 }
 
 /// What one turn of the worker drained from its queue.
@@ -235,12 +248,17 @@ impl Worker {
         let result = if writes.is_empty() && !sync {
             Ok(())
         } else {
-            apply(&self.storage, writes, sync).await
+            let m = &self.metrics;
+            m.batches.fetch_add(1, Ordering::Relaxed);
+            m.batch_requests.observe_count(ids.len());
+            m.batch_writes.observe_count(writes.len());
+            apply(&self.storage, writes, sync, m).await
         };
         if sync && result.is_ok() {
             self.dirty = false;
         }
         if let Err(e) = &result {
+            self.metrics.failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, requests = ids.len(), "storage batch failed");
         }
         if !ids.is_empty() {
@@ -260,12 +278,15 @@ impl Worker {
         if !self.dirty {
             return;
         }
-        match apply(&self.storage, Vec::new(), true).await {
+        match apply(&self.storage, Vec::new(), true, &self.metrics).await {
             Ok(()) => self.dirty = false,
             // The writes were acknowledged already (that is what `Interval` trades);
             // fjall poisons itself on a failed fsync, so later writes fail and are
             // reported.
-            Err(e) => tracing::error!(error = %e, "periodic storage sync failed"),
+            Err(e) => {
+                self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "periodic storage sync failed");
+            }
         }
     }
 }
@@ -276,9 +297,11 @@ async fn apply(
     storage: &Arc<dyn Storage>,
     writes: Vec<WriteOp>,
     sync: bool,
+    metrics: &Arc<StorageMetrics>,
 ) -> Result<(), StorageError> {
     let storage = Arc::clone(storage);
-    tokio::task::spawn_blocking(move || apply_blocking(&*storage, &writes, sync))
+    let metrics = Arc::clone(metrics);
+    tokio::task::spawn_blocking(move || apply_blocking(&*storage, &writes, sync, &metrics))
         .await
         .map_err(|e| StorageError::io("write", format!("the storage task failed: {e}")))?
 }
@@ -290,11 +313,15 @@ async fn apply(
     storage: &Arc<dyn Storage>,
     writes: Vec<WriteOp>,
     sync: bool,
+    metrics: &StorageMetrics,
 ) -> Result<(), StorageError> {
     if !writes.is_empty() {
         storage.write_batch(&writes)?;
+        // Applying takes no simulated time.
+        metrics.write_seconds.observe_duration(Duration::ZERO);
     }
     if sync {
+        let started = tokio::time::Instant::now();
         // The simulated disk takes time to sync; the writes are applied but
         // volatile meanwhile.
         let latency = storage.simulated_sync_latency();
@@ -302,6 +329,7 @@ async fn apply(
             tokio::time::sleep(latency).await;
         }
         storage.sync()?;
+        metrics.sync_seconds.observe_duration(started.elapsed());
     }
     Ok(())
 }
@@ -311,12 +339,17 @@ fn apply_blocking(
     storage: &dyn Storage,
     writes: &[WriteOp],
     sync: bool,
+    metrics: &StorageMetrics,
 ) -> Result<(), StorageError> {
     if !writes.is_empty() {
+        let started = std::time::Instant::now();
         storage.write_batch(writes)?;
+        metrics.write_seconds.observe_duration(started.elapsed());
     }
     if sync {
+        let started = std::time::Instant::now();
         storage.sync()?;
+        metrics.sync_seconds.observe_duration(started.elapsed());
     }
     Ok(())
 }

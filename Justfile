@@ -56,6 +56,23 @@ ring-table:
 run nodes="3":
     cargo run --release --locked -p dynamo-node --bin dynamo -- dev --nodes {{trim_start_match(nodes, "nodes=")}}
 
+# The container image dynamo:dev, FROM scratch: the release binary and the libraries it links (needs Docker).
+image tag="dynamo:dev":
+    ci/docker-image.sh {{tag}}
+
+# A 3-node cluster in containers (docker/compose.yaml): HTTP on 127.0.0.1:18081-18083, RESP on 16381-16383.
+cluster: image
+    docker-compose -p dynamo -f docker/compose.yaml up -d
+    @echo "up: curl http://127.0.0.1:18081/cluster; stop with: just cluster-down"
+
+# Stops the container cluster and deletes its volumes.
+cluster-down:
+    docker-compose -p dynamo -f docker/compose.yaml down -v
+
+# Multi-container tests: SIGKILL and restart on its volume, a network partition, graceful stop (needs Docker).
+cluster-test:
+    ci/cluster-test.sh
+
 # Cluster benchmarks against Redis and etcd on this machine (installs redis-server, etcd-server and wrk with apt when missing); rewrites BENCHMARKS.md.
 bench:
     ci/bench.sh

@@ -39,6 +39,13 @@ pub struct ServerArgs {
     /// Address for the Redis protocol (RESP2), e.g. 127.0.0.1:6380. [default: off]
     #[arg(long, env = "DYNAMO_RESP_ADDR")]
     pub resp_addr: Option<String>,
+    /// The host name or IP address peers and clients reach this node at, when
+    /// it differs from the bound addresses (a node bound to 0.0.0.0, in a
+    /// container, behind NAT). The node advertises its client and HTTP
+    /// addresses (in `/cluster`, and to peers for clients' ring routing) as
+    /// this host with the bound ports. [default: the bound addresses]
+    #[arg(long, env = "DYNAMO_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
     /// Where this node keeps its data. [default: ./data/<node-id>]
     #[arg(long, env = "DYNAMO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -92,6 +99,7 @@ struct FileConfig {
     client_addr: Option<String>,
     http_addr: Option<String>,
     resp_addr: Option<String>,
+    advertise_host: Option<String>,
     data_dir: Option<PathBuf>,
     peers: Option<Vec<String>>,
     n: Option<u8>,
@@ -141,6 +149,8 @@ pub struct ServerConfig {
     pub http_addr: Option<String>,
     /// The Redis-protocol listener; `None` (the default) when it is off.
     pub resp_addr: Option<String>,
+    /// The host others reach this node at; `None`: the bound addresses are.
+    pub advertise_host: Option<String>,
     pub data_dir: PathBuf,
     pub peers: Vec<PeerSpec>,
     pub n: u8,
@@ -232,6 +242,7 @@ impl ServerConfig {
             client_addr: pick(&args.client_addr, file.client_addr, "127.0.0.1:7100".into()),
             http_addr,
             resp_addr,
+            advertise_host: args.advertise_host.clone().or(file.advertise_host),
             peers,
             n: pick(&args.n, file.n, 3),
             r: pick(&args.r, file.r, 2),
@@ -285,12 +296,52 @@ impl ServerConfig {
         if self.max_siblings == 0 {
             bail!("--max-siblings must be at least 1");
         }
+        if let Some(host) = &self.advertise_host {
+            // A colon only belongs in an IPv6 literal (bare or in brackets).
+            let port_given = host.contains(':')
+                && host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_err();
+            if host.is_empty() || host.contains(['/', ' ', ',', '=']) || port_given {
+                bail!(
+                    "--advertise-host {host:?} must be a host name or IP address without a \
+                     port (for example n1.example.com or 10.0.0.5)"
+                );
+            }
+        }
         if let Some(n) = self.worker_threads {
             if !(1..=MAX_WORKER_THREADS).contains(&n) {
                 bail!("--worker-threads {n}: choose 1 to {MAX_WORKER_THREADS}");
             }
         }
         Ok(())
+    }
+
+    /// The address others should use for a listener bound at `bound`: the
+    /// advertised host with the bound port, or `bound` itself.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
+        match &self.advertise_host {
+            // An IPv6 literal needs brackets before the port.
+            Some(host) if host.contains(':') && !host.starts_with('[') => {
+                format!("[{host}]:{}", bound.port())
+            }
+            Some(host) => format!("{host}:{}", bound.port()),
+            None => bound.to_string(),
+        }
+    }
+
+    /// Why the advertised addresses may not reach this node, if they may not:
+    /// a wildcard bind (0.0.0.0 or ::) without `--advertise-host`.
+    pub fn advertise_warning(&self, bound: std::net::SocketAddr) -> Option<String> {
+        (self.advertise_host.is_none() && bound.ip().is_unspecified()).then(|| {
+            format!(
+                "bound to {bound} without --advertise-host: peers and clients are told \
+                 {bound}, which does not reach this node from elsewhere; set --advertise-host \
+                 to the host name or IP address they should use"
+            )
+        })
     }
 
     /// The largest frame this node accepts: every sibling at the maximum value
@@ -352,6 +403,47 @@ mod tests {
         })
         .unwrap();
         assert_eq!(off.resp_addr, None);
+    }
+
+    #[test]
+    fn advertise_host_replaces_the_bound_host_and_keeps_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamo.toml");
+        std::fs::write(&path, "advertise_host = \"n1.example\"\n").unwrap();
+        let c = ServerConfig::resolve(&ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let wildcard: std::net::SocketAddr = "0.0.0.0:7100".parse().unwrap();
+        assert_eq!(c.advertised(wildcard), "n1.example:7100");
+        assert_eq!(c.advertise_warning(wildcard), None);
+
+        let v6 = ServerConfig::resolve(&ServerArgs {
+            advertise_host: Some("fd00::5".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(v6.advertised(wildcard), "[fd00::5]:7100");
+
+        let plain = ServerConfig::resolve(&ServerArgs::default()).unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:7100".parse().unwrap();
+        assert_eq!(plain.advertised(local), "127.0.0.1:7100");
+        assert_eq!(plain.advertise_warning(local), None);
+        let warning = plain
+            .advertise_warning(wildcard)
+            .expect("a wildcard bind warns");
+        assert!(warning.contains("--advertise-host"), "{warning}");
+
+        for bad in ["", "host:7100", "10.0.0.5:7100", "a b", "a/b"] {
+            let err = ServerConfig::resolve(&ServerArgs {
+                advertise_host: Some(bad.into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("without a port"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

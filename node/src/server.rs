@@ -44,8 +44,9 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
         Some(l) => Some(l.local_addr()?.to_string()),
         None => None,
     };
+    // Advertised to peers (and through them to clients) as this host's address.
     let http_addr = match &http_listener {
-        Some(l) => Some(l.local_addr()?.to_string()),
+        Some(l) => Some(config.advertised(l.local_addr()?)),
         None => None,
     };
     let node = runtime::start(

@@ -87,8 +87,8 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
 
     let mut members = vec![Member {
         id: NodeId::from(config.node_id.as_str()),
-        peer_addr: peer_addr.to_string(),
-        client_addr: client_addr.to_string(),
+        peer_addr: config.advertised(peer_addr),
+        client_addr: config.advertised(client_addr),
         http_addr: env.http_addr.clone().unwrap_or_default(),
     }];
     for p in &config.peers {
@@ -105,7 +105,8 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
         actor,
         Box::new(StoreReader::new(env.storage.clone())),
     )?;
-    let warnings = node.warnings().to_vec();
+    let mut warnings = node.warnings().to_vec();
+    warnings.extend(config.advertise_warning(client_addr));
     for w in &warnings {
         tracing::warn!("{w}");
     }

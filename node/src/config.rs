@@ -385,36 +385,36 @@ mod tests {
         assert_eq!(c.worker_threads, None, "one worker thread per core");
     }
 
-    #[test]
-    fn resp_addr_from_file_or_flag() {
+    /// Resolves `args` with a config file holding `text`.
+    fn with_file(text: &str, args: ServerArgs) -> anyhow::Result<ServerConfig> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dynamo.toml");
-        std::fs::write(&path, "resp_addr = \"127.0.0.1:6390\"\n").unwrap();
-        let from_file = ServerConfig::resolve(&ServerArgs {
-            config: Some(path.clone()),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(from_file.resp_addr.as_deref(), Some("127.0.0.1:6390"));
-        let off = ServerConfig::resolve(&ServerArgs {
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::resolve(&ServerArgs {
             config: Some(path),
-            resp_addr: Some("off".into()),
-            ..Default::default()
+            ..args
         })
+    }
+
+    #[test]
+    fn resp_addr_from_file_or_flag() {
+        let file = "resp_addr = \"127.0.0.1:6390\"\n";
+        let from_file = with_file(file, ServerArgs::default()).unwrap();
+        assert_eq!(from_file.resp_addr.as_deref(), Some("127.0.0.1:6390"));
+        let off = with_file(
+            file,
+            ServerArgs {
+                resp_addr: Some("off".into()),
+                ..Default::default()
+            },
+        )
         .unwrap();
         assert_eq!(off.resp_addr, None);
     }
 
     #[test]
     fn advertise_host_replaces_the_bound_host_and_keeps_the_port() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dynamo.toml");
-        std::fs::write(&path, "advertise_host = \"n1.example\"\n").unwrap();
-        let c = ServerConfig::resolve(&ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        })
-        .unwrap();
+        let c = with_file("advertise_host = \"n1.example\"\n", ServerArgs::default()).unwrap();
         let wildcard: std::net::SocketAddr = "0.0.0.0:7100".parse().unwrap();
         assert_eq!(c.advertised(wildcard), "n1.example:7100");
         assert_eq!(c.advertise_warning(wildcard), None);
@@ -448,19 +448,14 @@ mod tests {
 
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dynamo.toml");
-        std::fs::write(
-            &path,
+        let c = with_file(
             "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\n",
+            ServerArgs {
+                r: Some(1),
+                ..Default::default()
+            },
         )
         .unwrap();
-        let args = ServerArgs {
-            config: Some(path),
-            r: Some(1),
-            ..Default::default()
-        };
-        let c = ServerConfig::resolve(&args).unwrap();
         assert_eq!(c.node_id, "a");
         assert_eq!((c.n, c.r, c.w), (5, 1, 3));
         assert_eq!(c.peers, vec!["b=127.0.0.1:2".parse::<PeerSpec>().unwrap()]);
@@ -507,14 +502,7 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dynamo.toml");
-        std::fs::write(&path, "nodeid = \"a\"\n").unwrap();
-        let err = ServerConfig::resolve(&ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = with_file("nodeid = \"a\"\n", ServerArgs::default()).unwrap_err();
         assert!(format!("{err:#}").contains("nodeid"), "{err:#}");
     }
 }

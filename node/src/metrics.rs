@@ -321,28 +321,98 @@ impl Metrics {
                 &r.duration[kind as usize],
             );
         }
-        out.gauge(
-            "dynamo_client_requests_in_flight",
-            "Client requests the core has not answered yet.",
-            r.in_flight.load(Ordering::Relaxed),
-        );
-
         let s = &self.storage;
-        out.counter(
-            "dynamo_storage_persist_requests_total",
-            "Writes the core asked the storage worker to make durable.",
-            s.requests.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dynamo_storage_batches_total",
-            "Group commits: one storage write and, with sync always, one sync each.",
-            s.batches.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dynamo_storage_failures_total",
-            "Storage batches or syncs that failed.",
-            s.failures.load(Ordering::Relaxed),
-        );
+        let p = &self.peers;
+        let scalars: [(&str, &str, &str, &AtomicU64); 14] = [
+            (
+                "dynamo_client_requests_in_flight",
+                "gauge",
+                "Client requests the core has not answered yet.",
+                &r.in_flight,
+            ),
+            (
+                "dynamo_storage_persist_requests_total",
+                "counter",
+                "Writes the core asked the storage worker to make durable.",
+                &s.requests,
+            ),
+            (
+                "dynamo_storage_batches_total",
+                "counter",
+                "Group commits: one storage write and, with sync always, one sync each.",
+                &s.batches,
+            ),
+            (
+                "dynamo_storage_failures_total",
+                "counter",
+                "Storage batches or syncs that failed.",
+                &s.failures,
+            ),
+            (
+                "dynamo_peer_messages_sent_total",
+                "counter",
+                "Messages written to peers.",
+                &p.messages_sent,
+            ),
+            (
+                "dynamo_peer_writes_total",
+                "counter",
+                "Socket writes to peers (each carries a gathered batch of messages).",
+                &p.writes,
+            ),
+            (
+                "dynamo_peer_bytes_sent_total",
+                "counter",
+                "Bytes written to peers.",
+                &p.bytes_sent,
+            ),
+            (
+                "dynamo_peer_messages_received_total",
+                "counter",
+                "Messages received from peers (pings included).",
+                &p.messages_received,
+            ),
+            (
+                "dynamo_peer_connects_total",
+                "counter",
+                "Outbound peer connections established.",
+                &p.connects,
+            ),
+            (
+                "dynamo_peer_connect_failures_total",
+                "counter",
+                "Outbound peer connections that failed or were lost.",
+                &p.connect_failures,
+            ),
+            (
+                "dynamo_peers_reachable",
+                "gauge",
+                "Peers the core considers reachable.",
+                &self.peers_reachable,
+            ),
+            (
+                "dynamo_peers",
+                "gauge",
+                "Peers this node knows.",
+                &self.peers_known,
+            ),
+            (
+                "dynamo_core_turns_total",
+                "counter",
+                "Wakeups of the core task.",
+                &self.core_turns,
+            ),
+            (
+                "dynamo_core_events_total",
+                "counter",
+                "Events the core handled (client requests, peer messages, durable writes, timers).",
+                &self.core_events,
+            ),
+        ];
+        for (name, kind, help, v) in scalars {
+            out.header(name, kind, help);
+            out.sample(name, &[], v.load(Ordering::Relaxed));
+        }
         let histograms: [(&str, &str, &Histogram); 4] = [
             (
                 "dynamo_storage_batch_requests",
@@ -369,63 +439,6 @@ impl Metrics {
             out.header(name, "histogram", help);
             out.histogram(name, &[], h);
         }
-
-        let p = &self.peers;
-        let counters: [(&str, &str, &AtomicU64); 6] = [
-            (
-                "dynamo_peer_messages_sent_total",
-                "Messages written to peers.",
-                &p.messages_sent,
-            ),
-            (
-                "dynamo_peer_writes_total",
-                "Socket writes to peers (each carries a gathered batch of messages).",
-                &p.writes,
-            ),
-            (
-                "dynamo_peer_bytes_sent_total",
-                "Bytes written to peers.",
-                &p.bytes_sent,
-            ),
-            (
-                "dynamo_peer_messages_received_total",
-                "Messages received from peers (pings included).",
-                &p.messages_received,
-            ),
-            (
-                "dynamo_peer_connects_total",
-                "Outbound peer connections established.",
-                &p.connects,
-            ),
-            (
-                "dynamo_peer_connect_failures_total",
-                "Outbound peer connections that failed or were lost.",
-                &p.connect_failures,
-            ),
-        ];
-        for (name, help, v) in counters {
-            out.counter(name, help, v.load(Ordering::Relaxed));
-        }
-        out.gauge(
-            "dynamo_peers_reachable",
-            "Peers the core considers reachable.",
-            self.peers_reachable.load(Ordering::Relaxed),
-        );
-        out.gauge(
-            "dynamo_peers",
-            "Peers this node knows.",
-            self.peers_known.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dynamo_core_turns_total",
-            "Wakeups of the core task.",
-            self.core_turns.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dynamo_core_events_total",
-            "Events the core handled (client requests, peer messages, durable writes, timers).",
-            self.core_events.load(Ordering::Relaxed),
-        );
         out.0
     }
 }
@@ -455,16 +468,6 @@ impl Text {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {value}");
-    }
-
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.header(name, "counter", help);
-        self.sample(name, &[], value);
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, value: u64) {
-        self.header(name, "gauge", help);
-        self.sample(name, &[], value);
     }
 
     fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {

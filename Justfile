@@ -73,6 +73,11 @@ cluster-down:
 cluster-test:
     ci/cluster-test.sh
 
+# The web client in headless Chromium against a dev cluster (needs chromium and Python's websocket-client).
+web-test:
+    cargo build --release --locked -p dynamo-node --bin dynamo
+    python3 ci/web-test.py target/release/dynamo
+
 # Cluster benchmarks against Redis and etcd on this machine (installs redis-server, etcd-server and wrk with apt when missing); rewrites BENCHMARKS.md.
 bench:
     ci/bench.sh

@@ -21,6 +21,19 @@ just --version
 cargo --version
 time just test
 
+# The web client's browser test: Debian's chromium and the websocket-client module.
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "ci: installing chromium (apt)"
+    apt-get install -y -qq chromium >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || true
+fi
+python3 -c 'import websocket' 2>/dev/null || python3 -m pip install --quiet websocket-client || true
+if command -v chromium >/dev/null 2>&1 && python3 -c 'import websocket' 2>/dev/null; then
+    time just web-test
+else
+    echo "ci: SKIPPED just web-test: chromium or websocket-client could not be installed"
+fi
+
 # The multi-container tests need a Docker daemon and docker-compose: start the
 # daemon if it is installed but not running, install compose if it is missing.
 if command -v docker >/dev/null 2>&1; then

@@ -19,6 +19,10 @@
 //! - `GET /health`, `GET /cluster`.
 //! - `GET /metrics`: the node's counters and histograms in the Prometheus text
 //!   format ([`crate::metrics`]).
+//! - `GET /`: the web client, one page (`web/index.html`) that uses the routes
+//!   above: the cluster's members, this node's figures, and get, put (with the
+//!   context of the last read) and delete of a key, with siblings shown and
+//!   resolvable.
 //!
 //! Keys are the percent-decoded bytes of the path after `/kv/` (slashes
 //! included). Every error answers JSON `{"error": "..."}`.
@@ -51,7 +55,11 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest plain-text error body the JSON wrapper reads back.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-const ROUTES: &str = "PUT, GET or DELETE /kv/{key}, GET /health, GET /cluster, GET /metrics";
+const ROUTES: &str =
+    "PUT, GET or DELETE /kv/{key}, GET /health, GET /cluster, GET /metrics, GET / (web client)";
+
+/// The web client: a single page, no build step, no external resources.
+const WEB_CLIENT: &str = include_str!("web/index.html");
 
 /// The HTTP API for one node.
 pub fn router(handle: CoreHandle) -> Router {
@@ -66,6 +74,7 @@ pub fn router(handle: CoreHandle) -> Router {
         .route("/health", get(health))
         .route("/cluster", get(cluster))
         .route("/metrics", get(metrics))
+        .route("/", get(web_client))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -539,6 +548,17 @@ async fn cluster(State(handle): State<CoreHandle>) -> ApiResult {
         ClientReply::Error(e) => Err(e.into()),
         other => Err(ApiError::unexpected(&other)),
     }
+}
+
+async fn web_client() -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        WEB_CLIENT,
+    )
+        .into_response()
 }
 
 /// Prometheus scrapes this; it never waits for the core.
@@ -1115,6 +1135,36 @@ mod tests {
         let resp = call(f.addr, "PUT", "/kv/%41%42%43%44%45%46%47%48", &[], b"v").await;
         assert_eq!(resp.status, 204);
         assert_eq!(f.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_web_client_is_one_self_contained_page_on_the_api() {
+        let f = fake(|_| None).await;
+        let resp = call(f.addr, "GET", "/", &[], b"").await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        let page = String::from_utf8(resp.body).unwrap();
+        assert!(page.starts_with("<!doctype html>"), "{page}");
+        // It drives the HTTP API routes this module serves, nothing else.
+        for uses in [
+            "fetch(\"/cluster\")",
+            "fetch(\"/metrics\")",
+            "\"/kv/\" + encodeURIComponent(key)",
+            "X-Dynamo-Context",
+        ] {
+            assert!(page.contains(uses), "the page does not use {uses}");
+        }
+        assert!(
+            !page.contains("<script src") && !page.contains("<link "),
+            "no external scripts or stylesheets"
+        );
+        assert!(
+            f.requests().is_empty(),
+            "serving the page asks the core nothing"
+        );
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use dynamo_proto::{ClusterInfo, Context, GetReply};
 use serde_json::json;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,7 +43,8 @@ pub enum Command {
     #[cfg(not(madsim))]
     Server(crate::config::ServerArgs),
     /// Read a key: its value (several if there are concurrent siblings) on
-    /// stdout, its context token on stderr. Exit 1 when not found.
+    /// stdout, byte for byte (a newline is added only on a terminal), its
+    /// context token on stderr. Exit 1 when not found.
     Get(GetArgs),
     /// Write a key. Without --context it first reads the key and replaces what it
     /// read; --blind writes without reading (adding a sibling).
@@ -216,6 +217,11 @@ async fn get(args: GetArgs) -> anyhow::Result<u8> {
     } else if live == 1 {
         let value = reply.values().next().unwrap_or_default();
         out.write_all(value)?;
+        // The value's bytes exactly, for pipes and files; on a terminal, end
+        // the line so the prompt (and the context on stderr) start afresh.
+        if std::io::stdout().is_terminal() && !value.ends_with(b"\n") {
+            out.write_all(b"\n")?;
+        }
         let tombstones = reply.siblings.len() - 1;
         if tombstones > 0 {
             eprintln!("note: a concurrent delete is a sibling of this value; a put with this context resolves it");

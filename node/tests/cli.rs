@@ -140,6 +140,18 @@ fn put_get_delete_status_and_failover() {
     expect(&out, 0);
     assert_eq!(out.stdout, b"hello");
     let token = context_line(&text(&out.stderr));
+    // On a terminal the value's line is ended, so the context (stderr) starts
+    // on its own line; script(1) runs the CLI under a pseudo-terminal.
+    let on_tty = format!("{DYNAMO} get k --node {}", nodes(&cluster));
+    let tty = Command::new("script")
+        .args(["-qec", &on_tty, "/dev/null"])
+        .env_remove("DYNAMO_NODES")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1), from util-linux, runs the CLI on a terminal");
+    let shown = text(&tty.stdout);
+    assert!(shown.starts_with("hello\r\ncontext: "), "{shown:?}");
 
     // A blind put adds a sibling; get lists both, JSON too.
     expect(&run(&cluster, &["put", "k", "world", "--blind"], None), 0);

@@ -36,7 +36,6 @@ pub struct Histogram {
     /// Observations per bucket (not cumulative); the last is above every bound.
     buckets: Box<[AtomicU64]>,
     sum: AtomicU64,
-    count: AtomicU64,
 }
 
 impl Histogram {
@@ -46,7 +45,6 @@ impl Histogram {
             scale,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0),
-            count: AtomicU64::new(0),
         }
     }
 
@@ -70,7 +68,6 @@ impl Histogram {
             .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(value, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn observe_duration(&self, d: Duration) {
@@ -79,11 +76,6 @@ impl Histogram {
 
     pub fn observe_count(&self, n: usize) {
         self.record(n as u64);
-    }
-
-    /// How many values were recorded.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
     }
 }
 
@@ -191,7 +183,8 @@ impl RequestMetrics {
     }
 
     /// Requests of `kind` answered with `outcome` (`"ok"` or an error kind).
-    pub fn count(&self, kind: RequestKind, outcome: &str) -> u64 {
+    #[cfg(test)]
+    fn count(&self, kind: RequestKind, outcome: &str) -> u64 {
         OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |o| {
             self.answered[kind as usize][o].load(Ordering::Relaxed)
         })

@@ -26,7 +26,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(cli::EXIT_ERROR);
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    // Everything a command must finish (a server's drain and final sync, a
+    // client's request) is awaited inside `run`. What may still be running is
+    // a blocking name lookup for a host that did not answer in time:
+    // getaddrinfo cannot be cancelled, and dropping the runtime would wait for
+    // it, up to the resolver's own timeouts (10 s for a container cut off from
+    // its network's DNS) after the answer was printed.
+    runtime.shutdown_background();
+    code
 }
 
 #[cfg(not(madsim))]

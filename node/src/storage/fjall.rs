@@ -21,13 +21,27 @@
 //! reclaim thread of its own: fjall's collection under the lock then only
 //! decrements a count. fjall's workers and that thread run at the lowest CPU
 //! priority (`background`).
+//!
+//! Large values: the data keyspace separates stored sets of
+//! [`BLOB_THRESHOLD`] bytes or more into fjall's blob files, so compactions
+//! rewrite their keys and pointers, not the values. On 4 KiB values under a
+//! 3-node dev cluster that gave 21% more throughput and half the p99 (57 vs
+//! 112 ms), with a third fewer journal fsyncs over 25 ms: compaction writes are
+//! what a sync waits behind. Blob compression stays off: values are the
+//! client's bytes, often compressed already, and it keeps clear of
+//! fjall-rs/lsm-tree#300 (relocated compressed blobs read back undecompressed
+//! after a restart). The layout is fixed when the keyspace is created: data
+//! directories made before keep theirs.
 
 use std::any::Any;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use ::fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use ::fjall::{
+    AbstractTree, CompressionType, Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions,
+    PersistMode,
+};
 use dynamo_proto::DvvSet;
 
 use super::{
@@ -37,6 +51,18 @@ use super::{
 
 const DATA_KEYSPACE: &str = "data";
 const META_KEYSPACE: &str = "meta";
+
+/// Stored sets (value, dots and timestamps) this large or larger go to blob
+/// files; smaller ones (a 100-byte value's set is about 150) stay in the tables.
+pub const BLOB_THRESHOLD: u32 = 1024;
+
+/// How the data keyspace is created: large values in blob files, uncompressed.
+fn data_keyspace_options() -> KeyspaceCreateOptions {
+    let blobs = KvSeparationOptions::default()
+        .separation_threshold(BLOB_THRESHOLD)
+        .compression(CompressionType::None);
+    KeyspaceCreateOptions::default().with_kv_separation(Some(blobs))
+}
 
 /// A [`Storage`] backed by fjall. Dropping it closes the database (fjall joins its
 /// background threads when the last handle goes).
@@ -50,7 +76,7 @@ pub struct FjallStorage {
 impl FjallStorage {
     /// Opens the database in `dir`, creating it (and `dir`) if it does not exist.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        Self::open_with(dir, KeyspaceCreateOptions::default())
+        Self::open_with(dir, data_keyspace_options())
     }
 
     fn open_with(dir: &Path, data_options: KeyspaceCreateOptions) -> Result<Self, StorageError> {
@@ -330,7 +356,7 @@ mod tests {
         // holder (so fjall never frees one under its version lock), and the
         // keeper must let go of every one fjall is done with.
         let dir = tempfile::tempdir().unwrap();
-        let options = KeyspaceCreateOptions::default().max_memtable_size(1 << 20);
+        let options = data_keyspace_options().max_memtable_size(1 << 20);
         let s = FjallStorage::open_with(dir.path(), options).unwrap();
         let write_round = |round: u64| {
             let writes: Vec<WriteOp> = (0..100)
@@ -372,6 +398,79 @@ mod tests {
                 assert_eq!(got, Some(value_set(r * 100 + i, 1024)), "{key}");
             }
         }
+    }
+
+    #[test]
+    fn large_values_go_to_blob_files_and_survive_relocation_and_reopen() {
+        // 4 KiB values go to blob files, 100-byte ones stay in the tables.
+        // Eight flushes make eight blob files; overwriting half of every one
+        // leaves each half stale, so compactions rewrite the oldest (fjall
+        // relocates the oldest quarter of the stale ones) and move their live
+        // half into a new blob file. Reopened through `open`, every key reads
+        // back its newest set, relocated or not.
+        let dir = tempfile::tempdir().unwrap();
+        let large = |i: u64| format!("large-{i:04}").into_bytes();
+        let small = |i: u64| format!("small-{i:04}").into_bytes();
+        let op = |key: Vec<u8>, set: DvvSet| WriteOp {
+            partition: 3,
+            key,
+            set: Some(set),
+        };
+        let newest = |i: u64| if i.is_multiple_of(2) { 10_000 + i } else { i };
+        {
+            let options = data_keyspace_options().max_memtable_size(1 << 20);
+            let s = FjallStorage::open_with(dir.path(), options).unwrap();
+            assert!(s.data.is_kv_separated());
+            let write = |writes: Vec<WriteOp>| {
+                s.write_batch(&writes).unwrap();
+                s.sync().unwrap();
+                s.data.rotate_memtable_and_wait().unwrap();
+            };
+            for round in 0..8 {
+                write(
+                    (round * 50..round * 50 + 50)
+                        .map(|i| op(large(i), value_set(i, 4096)))
+                        .collect(),
+                );
+            }
+            write((0..400).map(|i| op(small(i), value_set(i, 100))).collect());
+            assert!(
+                s.data.blob_file_count() >= 8,
+                "4 KiB values should be in blob files"
+            );
+            write(
+                (0..400)
+                    .step_by(2)
+                    .map(|i| op(large(i), value_set(newest(i), 4096)))
+                    .collect(),
+            );
+            // The first compaction counts what the overwrites left stale, the
+            // second relocates.
+            s.data.major_compact().unwrap();
+            let stale = s.data.fragmented_blob_bytes();
+            assert!(
+                stale > 0,
+                "the overwritten values should count as stale blob bytes"
+            );
+            s.data.major_compact().unwrap();
+            let after = s.data.fragmented_blob_bytes();
+            assert!(
+                after < stale,
+                "no blob file was relocated: {after} stale bytes, {stale} before"
+            );
+        }
+        let s = FjallStorage::open(dir.path()).unwrap();
+        assert!(s.data.is_kv_separated());
+        for i in 0..400 {
+            let got = s.get(3, &large(i)).unwrap();
+            assert_eq!(got, Some(value_set(newest(i), 4096)), "large-{i}");
+            assert_eq!(
+                s.get(3, &small(i)).unwrap(),
+                Some(value_set(i, 100)),
+                "small-{i}"
+            );
+        }
+        assert_eq!(s.scan_partition(3, None, 10_000).unwrap().len(), 800);
     }
 
     /// The nice value of every thread of this process whose name starts with

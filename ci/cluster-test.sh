@@ -165,11 +165,13 @@ case $out in
 *"quorum not met"*) ;;
 *) fail "n3, cut off, should answer 'quorum not met', said: $out" ;;
 esac
-# Its answer takes the quorum timeout (2 s) plus 1 s per advertised address
-# it cannot reach. The process must not then wait on name lookups that
-# cannot finish (the resolver's 10 s, when the answer took 12.9 s).
+# Its answer takes the quorum timeout (2 s) plus the client's 250 ms stagger
+# per advertised address it cannot reach (n1, n2 and its own: the names do not
+# resolve off the network), about 3.7 s here with docker exec. It took 12.9 s
+# when the process waited at exit on name lookups that cannot finish, and
+# 5.9 s when each unreachable address cost the 1 s connect timeout in turn.
 CLI_MS=$((($(date +%s%N) - CLI_STARTED) / 1000000))
-[ "$CLI_MS" -lt 9000 ] || fail "n3's CLI took $CLI_MS ms to answer 'quorum not met' (want < 9000)"
+[ "$CLI_MS" -lt 5000 ] || fail "n3's CLI took $CLI_MS ms to answer 'quorum not met' (want < 5000)"
 log "   n3's CLI answered 'quorum not met' in $CLI_MS ms"
 docker network connect --alias n3 "$NET" "$N3"
 HEALED=$(date +%s)

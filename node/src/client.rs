@@ -29,8 +29,11 @@ use dynamo_proto::{
     ClientEnvelope, ClientError, ClientReply, ClientReplyEnvelope, ClientRequest, ClusterInfo,
     Context, Dot, DvvSet, FrameCodec, FrameError, GetReply, NodeId, WriteMode,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,6 +52,11 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(2_000);
 /// Connection attempts for a request aimed at one given address.
 const DIRECT_ATTEMPTS: u32 = 3;
+/// How long a connection attempt to one candidate runs alone before the next
+/// candidate's starts beside it. A host that is down or cut off answers
+/// nothing (no refusal), and its name may not even resolve: without this each
+/// such candidate would cost the whole connect timeout, one after another.
+const CONNECT_STAGGER: Duration = Duration::from_millis(250);
 /// A failure asks for fresh cluster information, at most this often.
 const REFRESH_MIN_INTERVAL: Duration = Duration::from_millis(1_000);
 /// Cluster information older than this is refreshed before routing.
@@ -951,9 +959,22 @@ impl Client {
         let mut tried = Vec::new();
         let mut last_io: Option<ClientIoError> = None;
         let mut last_unavailable: Option<ClientCallError> = None;
-        for addr in candidates {
+        let mut queue: VecDeque<String> = candidates.iter().cloned().collect();
+        loop {
+            let mut refused = Vec::new();
+            let connected = self.connect_first(&mut queue, &mut refused).await;
+            for (addr, e) in refused {
+                tracing::debug!(addr = %addr, request = name, error = %e, "request failed");
+                self.lock().refresh_wanted = true;
+                tried.push(addr);
+                last_io = Some(e);
+            }
+            let Some((addr, conn, reused)) = connected else {
+                break;
+            };
+            let addr = &addr;
             tried.push(addr.clone());
-            match self.call_once(addr, request.clone()).await {
+            match self.call_on(addr, conn, reused, request.clone()).await {
                 Ok(ClientReply::Error(error)) => {
                     let err = ClientCallError::Server {
                         addr: addr.clone(),
@@ -996,12 +1017,90 @@ impl Client {
         addr: &str,
         request: ClientRequest,
     ) -> Result<ClientReply, ClientIoError> {
-        let pooled = self.take_pooled(addr);
-        let reused = pooled.is_some();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => self.open(addr).await?,
+        let (conn, reused) = match self.take_pooled(addr) {
+            Some(conn) => (conn, true),
+            None => (self.open(addr).await?, false),
         };
+        self.call_on(addr, conn, reused, request).await
+    }
+
+    /// A connection to the first of `queue`'s addresses that gives one: a
+    /// pooled connection at once, otherwise connection attempts started
+    /// [`CONNECT_STAGGER`] apart, the first to connect winning. Addresses taken
+    /// from the queue whose attempt failed go to `refused`, with the error;
+    /// those whose attempt was still running when another won go back to the
+    /// queue's front, in order. `None` once every address has failed.
+    async fn connect_first(
+        &self,
+        queue: &mut VecDeque<String>,
+        refused: &mut Vec<(String, ClientIoError)>,
+    ) -> Option<(String, Connection, bool)> {
+        type Attempt = Pin<Box<dyn Future<Output = Result<Connection, ClientIoError>> + Send>>;
+        let mut running: Vec<(String, Attempt)> = Vec::new();
+        let give_back = |queue: &mut VecDeque<String>, running: Vec<(String, Attempt)>| {
+            for (addr, _) in running.into_iter().rev() {
+                queue.push_front(addr);
+            }
+        };
+        let mut start_next = true;
+        loop {
+            if start_next || running.is_empty() {
+                let Some(addr) = queue.pop_front() else {
+                    if running.is_empty() {
+                        return None;
+                    }
+                    start_next = false;
+                    continue;
+                };
+                if let Some(conn) = self.take_pooled(&addr) {
+                    give_back(queue, running);
+                    return Some((addr, conn, true));
+                }
+                let timeout = self.options.connect_timeout;
+                let target = addr.clone();
+                running.push((
+                    addr,
+                    Box::pin(async move { Connection::connect(&target, timeout).await }),
+                ));
+            }
+            let first_done = std::future::poll_fn(|cx| {
+                for (i, (_, attempt)) in running.iter_mut().enumerate() {
+                    if let Poll::Ready(result) = attempt.as_mut().poll(cx) {
+                        return Poll::Ready((i, result));
+                    }
+                }
+                Poll::Pending
+            });
+            let more = !queue.is_empty();
+            tokio::select! {
+                (i, result) = first_done => {
+                    let (addr, _) = running.remove(i);
+                    match self.opened(&addr, result) {
+                        Ok(conn) => {
+                            give_back(queue, running);
+                            return Some((addr, conn, false));
+                        }
+                        Err(e) => {
+                            refused.push((addr, e));
+                            start_next = false;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(CONNECT_STAGGER), if more => start_next = true,
+            }
+        }
+    }
+
+    /// One request on `conn`, a connection to `addr` (`reused`: taken from
+    /// the pool). A pooled connection that turns out to be closed is replaced
+    /// once, for requests that change nothing.
+    async fn call_on(
+        &self,
+        addr: &str,
+        mut conn: Connection,
+        reused: bool,
+        request: ClientRequest,
+    ) -> Result<ClientReply, ClientIoError> {
         match conn.call(request.clone()).await {
             Ok(reply) => {
                 self.give_back(conn);
@@ -1031,7 +1130,17 @@ impl Client {
     }
 
     async fn open(&self, addr: &str) -> Result<Connection, ClientIoError> {
-        match Connection::connect(addr, self.options.connect_timeout).await {
+        let result = Connection::connect(addr, self.options.connect_timeout).await;
+        self.opened(addr, result)
+    }
+
+    /// Takes note of a connection attempt's outcome and sets the connection up.
+    fn opened(
+        &self,
+        addr: &str,
+        result: Result<Connection, ClientIoError>,
+    ) -> Result<Connection, ClientIoError> {
+        match result {
             Ok(conn) => {
                 self.lock().health.remove(addr);
                 Ok(conn
@@ -1470,6 +1579,56 @@ mod tests {
             assert!(client.local_get(&live_addr, b"x").await.unwrap().is_none());
             let err = client.ping(&dead).await.unwrap_err();
             assert!(err.is_io(), "{err}");
+        }
+
+        #[tokio::test]
+        async fn a_candidate_that_never_answers_costs_the_stagger_not_the_timeout() {
+            // A listener whose accept queue is full drops new handshakes, as a
+            // host that is down or cut off does: connecting neither succeeds
+            // nor is refused.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let silent = socket.listen(0).unwrap();
+            let silent_addr = silent.local_addr().unwrap().to_string();
+            let _fills_the_queue = std::net::TcpStream::connect(&silent_addr).unwrap();
+            let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let live_addr = live.local_addr().unwrap().to_string();
+            tokio::spawn(serve(live, "b", None));
+            let options = ClientOptions {
+                connect_timeout: Duration::from_secs(5),
+                ..ClientOptions::default()
+            };
+            let client = Client::connect_with(std::slice::from_ref(&live_addr), options)
+                .await
+                .unwrap();
+            let get = ClientRequest::Get {
+                key: b"k".to_vec(),
+                r: Some(1),
+            };
+            let started = Instant::now();
+            let candidates = [silent_addr.clone(), live_addr.clone()];
+            let (addr, reply) = client.call_any(&candidates, get.clone()).await.unwrap();
+            let took = started.elapsed();
+            assert_eq!(addr, live_addr);
+            assert!(matches!(reply, ClientReply::Get(_)), "{reply:?}");
+            // Before the stagger, the silent candidate took the whole 5 s
+            // connect timeout before the live one was tried.
+            assert!(took < Duration::from_secs(2), "took {took:?}");
+            // The silent candidate's attempt was abandoned, not failed: it is
+            // not backed off, and asked alone it still gets its full timeout.
+            assert!(!client.lock().health.contains_key(&silent_addr));
+            let quick = ClientOptions {
+                connect_timeout: Duration::from_millis(300),
+                ..ClientOptions::default()
+            };
+            let alone = Client::connect_with(std::slice::from_ref(&live_addr), quick)
+                .await
+                .unwrap();
+            let err = alone
+                .call_any(std::slice::from_ref(&silent_addr), get)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("timed out after 300 ms"), "{err}");
         }
 
         #[tokio::test]

@@ -1594,13 +1594,14 @@ mod tests {
             let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let live_addr = live.local_addr().unwrap().to_string();
             tokio::spawn(serve(live, "b", None));
-            let options = ClientOptions {
-                connect_timeout: Duration::from_secs(5),
-                ..ClientOptions::default()
+            let with_connect_timeout = |connect_timeout| {
+                let options = ClientOptions {
+                    connect_timeout,
+                    ..ClientOptions::default()
+                };
+                Client::connect_with(std::slice::from_ref(&live_addr), options)
             };
-            let client = Client::connect_with(std::slice::from_ref(&live_addr), options)
-                .await
-                .unwrap();
+            let client = with_connect_timeout(Duration::from_secs(5)).await.unwrap();
             let get = ClientRequest::Get {
                 key: b"k".to_vec(),
                 r: Some(1),
@@ -1617,11 +1618,7 @@ mod tests {
             // The silent candidate's attempt was abandoned, not failed: it is
             // not backed off, and asked alone it still gets its full timeout.
             assert!(!client.lock().health.contains_key(&silent_addr));
-            let quick = ClientOptions {
-                connect_timeout: Duration::from_millis(300),
-                ..ClientOptions::default()
-            };
-            let alone = Client::connect_with(std::slice::from_ref(&live_addr), quick)
+            let alone = with_connect_timeout(Duration::from_millis(300))
                 .await
                 .unwrap();
             let err = alone

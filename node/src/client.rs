@@ -960,18 +960,10 @@ impl Client {
         let mut last_io: Option<ClientIoError> = None;
         let mut last_unavailable: Option<ClientCallError> = None;
         let mut queue: VecDeque<String> = candidates.iter().cloned().collect();
-        loop {
-            let mut refused = Vec::new();
-            let connected = self.connect_first(&mut queue, &mut refused).await;
-            for (addr, e) in refused {
-                tracing::debug!(addr = %addr, request = name, error = %e, "request failed");
-                self.lock().refresh_wanted = true;
-                tried.push(addr);
-                last_io = Some(e);
-            }
-            let Some((addr, conn, reused)) = connected else {
-                break;
-            };
+        while let Some((addr, conn, reused)) = self
+            .connect_first(&mut queue, &mut tried, &mut last_io)
+            .await
+        {
             let addr = &addr;
             tried.push(addr.clone());
             match self.call_on(addr, conn, reused, request.clone()).await {
@@ -1026,14 +1018,16 @@ impl Client {
 
     /// A connection to the first of `queue`'s addresses that gives one: a
     /// pooled connection at once, otherwise connection attempts started
-    /// [`CONNECT_STAGGER`] apart, the first to connect winning. Addresses taken
-    /// from the queue whose attempt failed go to `refused`, with the error;
-    /// those whose attempt was still running when another won go back to the
-    /// queue's front, in order. `None` once every address has failed.
+    /// [`CONNECT_STAGGER`] apart, the first to connect winning. An address
+    /// whose attempt failed goes to `tried`, its error to `last_io`, and asks
+    /// for fresh cluster information; those whose attempt was still running
+    /// when another won go back to the queue's front, in order. `None` once
+    /// every address has failed.
     async fn connect_first(
         &self,
         queue: &mut VecDeque<String>,
-        refused: &mut Vec<(String, ClientIoError)>,
+        tried: &mut Vec<String>,
+        last_io: &mut Option<ClientIoError>,
     ) -> Option<(String, Connection, bool)> {
         type Attempt = Pin<Box<dyn Future<Output = Result<Connection, ClientIoError>> + Send>>;
         let mut running: Vec<(String, Attempt)> = Vec::new();
@@ -1081,7 +1075,10 @@ impl Client {
                             return Some((addr, conn, false));
                         }
                         Err(e) => {
-                            refused.push((addr, e));
+                            tracing::debug!(addr = %addr, error = %e, "connection failed");
+                            self.lock().refresh_wanted = true;
+                            tried.push(addr);
+                            *last_io = Some(e);
                             start_next = false;
                         }
                     }
@@ -1231,9 +1228,14 @@ impl Client {
         let candidates = self.info_candidates();
         let mut tried = Vec::new();
         let mut last_io = None;
-        for addr in &candidates {
+        let mut queue: VecDeque<String> = candidates.iter().cloned().collect();
+        while let Some((addr, conn, reused)) = self
+            .connect_first(&mut queue, &mut tried, &mut last_io)
+            .await
+        {
             tried.push(addr.clone());
-            match self.call_once(addr, ClientRequest::ClusterInfo).await {
+            let request = ClientRequest::ClusterInfo;
+            match self.call_on(&addr, conn, reused, request).await {
                 Ok(ClientReply::ClusterInfo(info)) => {
                     if self.adopt(info) {
                         return Ok(());
@@ -1593,15 +1595,22 @@ mod tests {
             let _fills_the_queue = std::net::TcpStream::connect(&silent_addr).unwrap();
             let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let live_addr = live.local_addr().unwrap().to_string();
-            tokio::spawn(serve(live, "b", None));
+            let ring = info(vec![member("b", &live_addr, "up")], &["b"; 4], 1);
+            tokio::spawn(serve(live, "b", Some(ring)));
+            // The silent seed comes first: asking for the ring moves past it too.
+            let seeds = [silent_addr.clone(), live_addr.clone()];
             let with_connect_timeout = |connect_timeout| {
                 let options = ClientOptions {
                     connect_timeout,
                     ..ClientOptions::default()
                 };
-                Client::connect_with(std::slice::from_ref(&live_addr), options)
+                Client::connect_with(&seeds, options)
             };
+            let started = Instant::now();
             let client = with_connect_timeout(Duration::from_secs(5)).await.unwrap();
+            let took = started.elapsed();
+            assert!(client.routes_by_ring());
+            assert!(took < Duration::from_secs(2), "connecting took {took:?}");
             let get = ClientRequest::Get {
                 key: b"k".to_vec(),
                 r: Some(1),

@@ -613,22 +613,14 @@ peak = ["| clients | dynamo puts/s | p50 ms | p99 ms | etcd puts/s | ratio |", "
 for c, doc, e in sweep:
     peak.append(f"| {c} | {n(doc['throughput_ops_per_s'])} | {doc['p50_ms']} | {doc['p99_ms']} | {n(e)} | {doc['throughput_ops_per_s'] / e:.2f}x |")
 
-print("\n".join(lines))
-print()
-print("\n".join(lat))
-print()
+sections = [(None, lines), (None, lat)]
 if len(rounds) > 1:
-    print("redis-benchmark on one key, by round (Redis ran first in odd rounds, node 1 in even ones):")
-    print()
-    print("\n".join(by_round))
-    print()
-print("Puts of 100 B by client count (dynamo bench workers; wrk connections to etcd):")
-print()
-print("\n".join(peak))
+    sections.append(("redis-benchmark on one key, by round (Redis ran first in odd rounds, node 1 in even ones):", by_round))
+sections.append(("Puts of 100 B by client count (dynamo bench workers; wrk connections to etcd):", peak))
 if notes:
-    print()
-    print("Warnings:")
-    print("\n".join(notes))
+    sections.append(("Warnings:", notes))
+blocks = [(f"{title}\n\n" if title else "") + "\n".join(body) for title, body in sections]
+print("\n\n".join(blocks))
 EOF
 ) || die "could not build the results table"
 

@@ -41,7 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a node.
     #[cfg(not(madsim))]
-    Server(crate::config::ServerArgs),
+    Server(Box<crate::config::ServerArgs>),
     /// Read a key: its value (several if there are concurrent siblings) on
     /// stdout, byte for byte (a newline is added only on a terminal), its
     /// context token on stderr. Exit 1 when not found.

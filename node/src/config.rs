@@ -82,6 +82,9 @@ pub struct ServerArgs {
     /// dvv (siblings) | lww (last write wins; can drop concurrent writes). [default: dvv]
     #[arg(long, env = "DYNAMO_VERSIONING")]
     pub versioning: Option<String>,
+    /// Memory for the row cache of recently read and written keys, in MiB; 0 turns it off. [default: 64]
+    #[arg(long, env = "DYNAMO_CACHE_MB")]
+    pub cache_mb: Option<u64>,
     /// Threads that run the node's tasks. Several nodes sharing one machine
     /// run better with a share of its cores each (`dynamo dev` does that).
     /// [default: one per core]
@@ -112,6 +115,7 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     max_siblings: Option<usize>,
     versioning: Option<String>,
+    cache_mb: Option<u64>,
     worker_threads: Option<usize>,
 }
 
@@ -165,6 +169,8 @@ pub struct ServerConfig {
     pub max_siblings: usize,
     #[serde(serialize_with = "debug_lower")]
     pub versioning: Versioning,
+    /// The row cache's bound in bytes; 0: no cache.
+    pub cache_bytes: u64,
     /// Runtime worker threads; `None`: one per core.
     pub worker_threads: Option<usize>,
 }
@@ -254,6 +260,7 @@ impl ServerConfig {
             max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
             max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
             versioning,
+            cache_bytes: pick(&args.cache_mb, file.cache_mb, 64).saturating_mul(1 << 20),
             worker_threads: args.worker_threads.or(file.worker_threads),
         };
         config.validate()?;
@@ -383,6 +390,7 @@ mod tests {
         assert_eq!(c.http_addr.as_deref(), Some("127.0.0.1:8080"));
         assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
         assert_eq!(c.worker_threads, None, "one worker thread per core");
+        assert_eq!(c.cache_bytes, 64 << 20);
     }
 
     /// Resolves `args` with a config file holding `text`.
@@ -449,7 +457,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -461,6 +469,7 @@ mod tests {
         assert_eq!(c.peers, vec!["b=127.0.0.1:2".parse::<PeerSpec>().unwrap()]);
         assert_eq!(c.http_addr, None);
         assert_eq!(c.worker_threads, Some(3));
+        assert_eq!(c.cache_bytes, 8 << 20);
     }
 
     #[test]

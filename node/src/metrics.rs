@@ -11,6 +11,7 @@
 //! Histograms have fixed buckets (Prometheus' cumulative `le` buckets are
 //! summed at render time); a sum and a count go with each.
 
+use crate::storage::CacheMetrics;
 use dynamo_proto::{ClientError, ClientReply, ClientRequest};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -242,6 +243,8 @@ pub struct Metrics {
     node: String,
     pub requests: RequestMetrics,
     pub storage: Arc<StorageMetrics>,
+    /// The row cache in front of the storage engine.
+    pub cache: Arc<CacheMetrics>,
     pub peers: PeerMetrics,
     /// Peers the core currently considers reachable, of `peers_known`.
     pub peers_reachable: AtomicU64,
@@ -252,11 +255,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(node: &str, storage: Arc<StorageMetrics>) -> Metrics {
+    pub fn new(node: &str, storage: Arc<StorageMetrics>, cache: Arc<CacheMetrics>) -> Metrics {
         Metrics {
             node: node.to_string(),
             requests: RequestMetrics::default(),
             storage,
+            cache,
             peers: PeerMetrics::default(),
             peers_reachable: AtomicU64::new(0),
             peers_known: AtomicU64::new(0),
@@ -269,7 +273,7 @@ impl Metrics {
     /// front-end tests that run without a storage worker.
     #[cfg(test)]
     pub(crate) fn for_tests(node: &str) -> Arc<Metrics> {
-        Arc::new(Metrics::new(node, Arc::new(StorageMetrics::default())))
+        Arc::new(Metrics::new(node, Arc::default(), Arc::default()))
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.
@@ -315,8 +319,9 @@ impl Metrics {
             );
         }
         let s = &self.storage;
+        let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 14] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 20] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -340,6 +345,42 @@ impl Metrics {
                 "counter",
                 "Storage batches or syncs that failed.",
                 &s.failures,
+            ),
+            (
+                "dynamo_storage_cache_hits_total",
+                "counter",
+                "Reads of a key's set answered by the row cache.",
+                &c.hits,
+            ),
+            (
+                "dynamo_storage_cache_misses_total",
+                "counter",
+                "Reads of a key's set that went to the storage engine.",
+                &c.misses,
+            ),
+            (
+                "dynamo_storage_cache_fills_skipped_total",
+                "counter",
+                "Missed reads not kept in the cache because a write to their stripe ran meanwhile.",
+                &c.fills_skipped,
+            ),
+            (
+                "dynamo_storage_cache_entries",
+                "gauge",
+                "Keys the row cache holds (absent keys included).",
+                &c.entries,
+            ),
+            (
+                "dynamo_storage_cache_bytes",
+                "gauge",
+                "Estimated memory of the row cache's entries.",
+                &c.bytes,
+            ),
+            (
+                "dynamo_storage_cache_capacity_bytes",
+                "gauge",
+                "The row cache's bound (--cache-mb); 0 when it is off.",
+                &c.capacity_bytes,
             ),
             (
                 "dynamo_peer_messages_sent_total",

@@ -18,7 +18,10 @@ pub use handle::{CoreHandle, NodeInfo};
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-use crate::storage::{open_identity, spawn_storage_worker, Storage, StorageWorker, StoreReader};
+use crate::storage::{
+    open_identity, spawn_storage_worker, CacheMetrics, CachedStorage, Storage, StorageWorker,
+    StoreReader,
+};
 use anyhow::Context as _;
 use dynamo_core::{Member, Node};
 use dynamo_proto::{FrameCodec, NodeId};
@@ -65,6 +68,14 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
     let identity = open_identity(env.storage.as_ref(), &config.cluster_id, &mut env.rng)
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     let actor = identity.actor();
+    // The row cache sits between the engine and both the core's reads and the
+    // storage worker's writes; it lives and dies with this run of the node.
+    let cache_metrics = Arc::new(CacheMetrics::default());
+    let storage = CachedStorage::wrap(
+        env.storage.clone(),
+        config.cache_bytes,
+        cache_metrics.clone(),
+    );
 
     let peer_listener = TcpListener::bind(&config.peer_addr)
         .await
@@ -103,7 +114,7 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
         config.core_config(),
         members,
         actor,
-        Box::new(StoreReader::new(env.storage.clone())),
+        Box::new(StoreReader::new(storage.clone())),
     )?;
     let mut warnings = node.warnings().to_vec();
     warnings.extend(config.advertise_warning(client_addr));
@@ -117,8 +128,12 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
-    let (storage, persisted) = spawn_storage_worker(env.storage.clone(), config.sync);
-    let metrics = Arc::new(Metrics::new(&config.node_id, storage.metrics()));
+    let (storage, persisted) = spawn_storage_worker(storage, config.sync);
+    let metrics = Arc::new(Metrics::new(
+        &config.node_id,
+        storage.metrics(),
+        cache_metrics,
+    ));
     metrics.peers_known.store(
         config.peers.len() as u64,
         std::sync::atomic::Ordering::Relaxed,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use dynamo_core::store::{LocalStore, StoreError};
 use dynamo_proto::DvvSet;
 
+pub mod cache;
 pub mod datadir;
 #[cfg(not(madsim))]
 pub mod fjall;
@@ -27,6 +28,7 @@ pub mod worker;
 
 #[cfg(not(madsim))]
 pub use self::fjall::FjallStorage;
+pub use cache::{CacheMetrics, CachedStorage};
 pub use datadir::{open_identity, NodeIdentity, STORAGE_FORMAT_VERSION};
 pub use memory::MemoryStorage;
 pub use sync_policy::{ParseSyncPolicyError, SyncPolicy};
@@ -44,6 +46,12 @@ pub trait Storage: Send + Sync + 'static {
     /// Applies the writes in order (set `None` = remove the key): visible to `get`
     /// at once, durable only after `sync`. A later write to the same key wins.
     fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError>;
+
+    /// [`Storage::write_batch`], handing the writes over: a layer that keeps
+    /// the written sets (the row cache) takes them instead of cloning them.
+    fn write_batch_owned(&self, writes: Vec<WriteOp>) -> Result<(), StorageError> {
+        self.write_batch(&writes)
+    }
 
     /// Makes every applied write durable (fsync).
     fn sync(&self) -> Result<(), StorageError>;

@@ -301,7 +301,7 @@ async fn apply(
 ) -> Result<(), StorageError> {
     let storage = Arc::clone(storage);
     let metrics = Arc::clone(metrics);
-    tokio::task::spawn_blocking(move || apply_blocking(&*storage, &writes, sync, &metrics))
+    tokio::task::spawn_blocking(move || apply_blocking(&*storage, writes, sync, &metrics))
         .await
         .map_err(|e| StorageError::io("write", format!("the storage task failed: {e}")))?
 }
@@ -317,7 +317,7 @@ async fn apply(
 ) -> Result<(), StorageError> {
     if !writes.is_empty() {
         let started = tokio::time::Instant::now();
-        storage.write_batch(&writes)?;
+        storage.write_batch_owned(writes)?;
         metrics.write_seconds.observe_duration(started.elapsed());
     }
     if sync {
@@ -337,13 +337,13 @@ async fn apply(
 #[cfg(not(madsim))]
 fn apply_blocking(
     storage: &dyn Storage,
-    writes: &[WriteOp],
+    writes: Vec<WriteOp>,
     sync: bool,
     metrics: &StorageMetrics,
 ) -> Result<(), StorageError> {
     if !writes.is_empty() {
         let started = std::time::Instant::now();
-        storage.write_batch(writes)?;
+        storage.write_batch_owned(writes)?;
         metrics.write_seconds.observe_duration(started.elapsed());
     }
     if sync {

@@ -82,7 +82,8 @@ pub struct ServerArgs {
     /// dvv (siblings) | lww (last write wins; can drop concurrent writes). [default: dvv]
     #[arg(long, env = "DYNAMO_VERSIONING")]
     pub versioning: Option<String>,
-    /// Memory for the row cache of recently read and written keys, in MiB; 0 turns it off. [default: 64]
+    /// Memory for the row cache of recently read and written keys, in MiB;
+    /// worth it for read-heavy loads on small values (see the README). [default: 0, off]
     #[arg(long, env = "DYNAMO_CACHE_MB")]
     pub cache_mb: Option<u64>,
     /// Threads that run the node's tasks. Several nodes sharing one machine
@@ -260,7 +261,7 @@ impl ServerConfig {
             max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
             max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
             versioning,
-            cache_bytes: pick(&args.cache_mb, file.cache_mb, 64).saturating_mul(1 << 20),
+            cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
             worker_threads: args.worker_threads.or(file.worker_threads),
         };
         config.validate()?;
@@ -390,7 +391,7 @@ mod tests {
         assert_eq!(c.http_addr.as_deref(), Some("127.0.0.1:8080"));
         assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
         assert_eq!(c.worker_threads, None, "one worker thread per core");
-        assert_eq!(c.cache_bytes, 64 << 20);
+        assert_eq!(c.cache_bytes, 0, "the row cache is opt-in");
     }
 
     /// Resolves `args` with a config file holding `text`.

@@ -377,9 +377,9 @@ struct Instrumented {
     fail_syncs: bool,
 }
 
-impl Storage for Instrumented {
-    fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
-        self.inner.get(partition, key)
+impl dynamo_node::storage::StorageLayer for Instrumented {
+    fn inner(&self) -> &dyn Storage {
+        &self.inner
     }
     fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
         self.batches.fetch_add(1, Ordering::SeqCst);
@@ -401,20 +401,6 @@ impl Storage for Instrumented {
             });
         }
         self.inner.sync()
-    }
-    fn scan_partition(
-        &self,
-        partition: u32,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
-        self.inner.scan_partition(partition, start_after, limit)
-    }
-    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get_meta(name)
-    }
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.inner.put_meta(name, value)
     }
 }
 

@@ -91,6 +91,10 @@ impl World {
                 request_timeout_ms: Some(scenario.cluster.request_timeout.0),
                 max_siblings: Some(scenario.cluster.max_siblings),
                 versioning: Some(scenario.cluster.versioning.clone()),
+                // The row cache is off by default; the simulator runs every
+                // node with it, so a cache that ever answered differently
+                // from the disk would show in the checkers and the traces.
+                cache_mb: Some(1),
                 ..Default::default()
             };
             let config = ServerConfig::resolve(&args)?;

@@ -8,8 +8,9 @@
 //! a cache miss per level) before the tables' filters are asked.
 //!
 //! The cache answers exactly what the engine would: it holds, per key, what
-//! the engine's `get` returns (a set, or `None` for a key that is absent),
-//! never anything else. Two rules keep it so while reads (the core task) and
+//! the engine's `get` returns (a set, or `None` for a key a write removed),
+//! never anything else. A read that finds nothing is not kept: the key is
+//! nearly always about to be written (a put of a new key reads it first). Two rules keep it so while reads (the core task) and
 //! writes (the storage worker's thread) run at once:
 //! - a write batch first marks its keys as changing (it bumps the epoch of
 //!   each key's stripe), then applies the batch to the engine, then puts what
@@ -147,7 +148,11 @@ impl CachedStorage {
     }
 }
 
-impl Storage for CachedStorage {
+impl super::StorageLayer for CachedStorage {
+    fn inner(&self) -> &dyn Storage {
+        &*self.inner
+    }
+
     fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
         let stored = storage_key(partition, key);
         let (stripe, epoch) = {
@@ -161,6 +166,11 @@ impl Storage for CachedStorage {
         };
         self.metrics.misses.fetch_add(1, Ordering::Relaxed);
         let set = self.inner.get(partition, key)?;
+        if set.is_none() {
+            // An absent key is nearly always about to be written (a put of a
+            // new key reads it first), and the write fills the cache itself.
+            return Ok(set);
+        }
         let mut state = self.lock();
         if state.epochs[stripe] == epoch {
             state.cache.insert(stored, set.clone());
@@ -172,7 +182,7 @@ impl Storage for CachedStorage {
     }
 
     fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
-        self.write_batch_owned(writes.to_vec())
+        super::StorageLayer::write_batch_owned(self, writes.to_vec())
     }
 
     fn write_batch_owned(&self, writes: Vec<WriteOp>) -> Result<(), StorageError> {
@@ -203,31 +213,6 @@ impl Storage for CachedStorage {
         }
         self.update_gauges(&state);
         result
-    }
-
-    fn sync(&self) -> Result<(), StorageError> {
-        self.inner.sync()
-    }
-
-    fn scan_partition(
-        &self,
-        partition: u32,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
-        self.inner.scan_partition(partition, start_after, limit)
-    }
-
-    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get_meta(name)
-    }
-
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.inner.put_meta(name, value)
-    }
-
-    fn simulated_sync_latency(&self) -> std::time::Duration {
-        self.inner.simulated_sync_latency()
     }
 }
 
@@ -272,7 +257,10 @@ mod tests {
         hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     }
 
-    impl Storage for Interleaving {
+    impl crate::storage::StorageLayer for Interleaving {
+        fn inner(&self) -> &dyn Storage {
+            &self.engine
+        }
         fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
             let read = self.engine.get(partition, key);
             let hook = self.hook.lock().unwrap().take();
@@ -280,26 +268,6 @@ mod tests {
                 hook();
             }
             read
-        }
-        fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
-            self.engine.write_batch(writes)
-        }
-        fn sync(&self) -> Result<(), StorageError> {
-            self.engine.sync()
-        }
-        fn scan_partition(
-            &self,
-            partition: u32,
-            start_after: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
-            self.engine.scan_partition(partition, start_after, limit)
-        }
-        fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-            self.engine.get_meta(name)
-        }
-        fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-            self.engine.put_meta(name, value)
         }
     }
 
@@ -336,20 +304,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reads_are_served_from_writes_and_fills_and_absent_keys_are_cached_too() {
+    /// A memory engine behind a 1 MiB cache, "a" written through the cache.
+    fn cache_holding_a() -> (Arc<MemoryStorage>, Arc<CacheMetrics>, Arc<dyn Storage>) {
         let inner = Arc::new(MemoryStorage::new());
         let metrics = Arc::new(CacheMetrics::default());
         let cached = CachedStorage::wrap(inner.clone(), 1 << 20, metrics.clone());
         cached
             .write_batch(&[write(b"a", Some(set_of(b"1")))])
             .unwrap();
+        (inner, metrics, cached)
+    }
+
+    #[test]
+    fn reads_are_served_from_writes_and_fills_but_not_for_absent_keys() {
+        let (inner, metrics, cached) = cache_holding_a();
+        inner
+            .write_batch(&[write(b"c", Some(set_of(b"3")))])
+            .unwrap();
         assert_eq!(cached.get(3, b"a").unwrap(), Some(set_of(b"1")));
         assert_eq!(cached.get(3, b"b").unwrap(), None);
         assert_eq!(cached.get(3, b"b").unwrap(), None);
+        assert_eq!(cached.get(3, b"c").unwrap(), Some(set_of(b"3")));
+        assert_eq!(cached.get(3, b"c").unwrap(), Some(set_of(b"3")));
         let hits = metrics.hits.load(Ordering::Relaxed);
         let misses = metrics.misses.load(Ordering::Relaxed);
-        assert_eq!((hits, misses), (2, 1));
+        assert_eq!((hits, misses), (2, 3));
         assert_eq!(metrics.entries.load(Ordering::Relaxed), 2);
         // The cache answered from memory: the engine alone still agrees.
         assert_eq!(inner.get(3, b"a").unwrap(), Some(set_of(b"1")));
@@ -357,12 +336,7 @@ mod tests {
 
     #[test]
     fn a_failed_batch_drops_its_keys_so_the_next_read_asks_the_engine() {
-        let inner = Arc::new(MemoryStorage::new());
-        let metrics = Arc::new(CacheMetrics::default());
-        let cached = CachedStorage::wrap(inner.clone(), 1 << 20, metrics.clone());
-        cached
-            .write_batch(&[write(b"a", Some(set_of(b"1")))])
-            .unwrap();
+        let (inner, metrics, cached) = cache_holding_a();
         inner.set_failing(true);
         assert!(cached
             .write_batch(&[write(b"a", Some(set_of(b"2")))])

@@ -80,6 +80,94 @@ pub trait Storage: Send + Sync + 'static {
     }
 }
 
+/// A storage engine that wraps another (the row cache, tests' fault
+/// injectors): every method passes through to [`StorageLayer::inner`] unless
+/// the layer overrides it. Implementing it gives [`Storage`]; a layer's
+/// callers go through `dyn Storage` (or name the trait), since a concrete
+/// layer has both traits' methods.
+pub trait StorageLayer: Send + Sync + 'static {
+    /// The engine beneath.
+    fn inner(&self) -> &dyn Storage;
+
+    fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
+        self.inner().get(partition, key)
+    }
+
+    fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
+        self.inner().write_batch(writes)
+    }
+
+    /// Goes through this layer's own `write_batch` unless overridden, so a
+    /// layer that only changes `write_batch` sees every batch.
+    fn write_batch_owned(&self, writes: Vec<WriteOp>) -> Result<(), StorageError> {
+        StorageLayer::write_batch(self, &writes)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.inner().sync()
+    }
+
+    fn scan_partition(
+        &self,
+        partition: u32,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        self.inner().scan_partition(partition, start_after, limit)
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner().get_meta(name)
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.inner().put_meta(name, value)
+    }
+
+    fn simulated_sync_latency(&self) -> std::time::Duration {
+        self.inner().simulated_sync_latency()
+    }
+}
+
+impl<L: StorageLayer> Storage for L {
+    fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
+        StorageLayer::get(self, partition, key)
+    }
+
+    fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
+        StorageLayer::write_batch(self, writes)
+    }
+
+    fn write_batch_owned(&self, writes: Vec<WriteOp>) -> Result<(), StorageError> {
+        StorageLayer::write_batch_owned(self, writes)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        StorageLayer::sync(self)
+    }
+
+    fn scan_partition(
+        &self,
+        partition: u32,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        StorageLayer::scan_partition(self, partition, start_after, limit)
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        StorageLayer::get_meta(self, name)
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        StorageLayer::put_meta(self, name, value)
+    }
+
+    fn simulated_sync_latency(&self) -> std::time::Duration {
+        StorageLayer::simulated_sync_latency(self)
+    }
+}
+
 /// One write of a batch: store `set` under `key` in `partition`, or remove the key
 /// when `set` is `None`.
 #[derive(Clone, Debug, PartialEq, Eq)]

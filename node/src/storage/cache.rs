@@ -10,18 +10,20 @@
 //! The cache answers exactly what the engine would: it holds, per key, what
 //! the engine's `get` returns (a set, or `None` for a key a write removed),
 //! never anything else. A read that finds nothing is not kept: the key is
-//! nearly always about to be written (a put of a new key reads it first). Two rules keep it so while reads (the core task) and
-//! writes (the storage worker's thread) run at once:
+//! nearly always about to be written (a put of a new key reads it first).
+//! Two rules keep it so while reads (the core task) and writes (the storage
+//! worker's thread) run at once:
 //! - a write batch first marks its keys as changing (it bumps the epoch of
-//!   each key's stripe), then applies the batch to the engine, then puts what
+//!   each key's shard), then applies the batch to the engine, then puts what
 //!   it wrote in the cache; if the batch failed it may or may not have been
 //!   applied, so its keys leave the cache instead;
-//! - a read that misses notes its key's stripe epoch before asking the engine
-//!   and fills the cache only if the epoch is unchanged afterwards, so a value
-//!   read before a write cannot land after that write's own entry.
+//! - a read that misses notes its key's shard epoch before asking the engine
+//!   and fills the cache only if the epoch is unchanged afterwards (checked
+//!   and filled under the shard's lock), so a value read before a write
+//!   cannot land after that write's own entry.
 //!
-//! Eviction (quick_cache's S3-FIFO) is bounded by an estimate of each entry's
-//! bytes. Scans (transfers, anti-entropy) bypass the cache and do not fill it.
+//! Eviction (quick_cache's S3-FIFO, per shard) is bounded by an estimate of
+//! each entry's bytes. Scans (transfers, anti-entropy) bypass the cache and do not fill it.
 
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +33,10 @@ use dynamo_proto::DvvSet;
 
 use super::{storage_key, Storage, StorageError, WriteOp};
 
-/// Epoch stripes: a write batch delays the fills of keys in its stripes only.
-const STRIPES: usize = 64;
+/// Shards, each with its own lock, cache and epoch: the core task's reads and
+/// the storage worker's inserts rarely wait for each other, and a write batch
+/// delays the fills of keys in its shards only.
+const SHARDS: usize = 16;
 
 /// Rough per-entry overhead beyond the key and value bytes (the map slot, the
 /// set's maps and vectors), for the weight estimate.
@@ -45,7 +49,7 @@ pub struct CacheMetrics {
     pub hits: AtomicU64,
     /// Reads that went to the engine.
     pub misses: AtomicU64,
-    /// Reads not kept because a write to their stripe ran meanwhile.
+    /// Reads not kept because a write to their shard ran meanwhile.
     pub fills_skipped: AtomicU64,
     /// Entries held, and the estimate of their bytes (gauges).
     pub entries: AtomicU64,
@@ -57,7 +61,7 @@ pub struct CacheMetrics {
 /// A [`Storage`] that keeps a bounded cache of decoded sets in front of `inner`.
 pub struct CachedStorage {
     inner: Arc<dyn Storage>,
-    state: Mutex<State>,
+    shards: Vec<Mutex<Shard>>,
     hasher: Hasher,
     metrics: Arc<CacheMetrics>,
 }
@@ -72,9 +76,10 @@ type Cache = quick_cache::unsync::Cache<
     quick_cache::unsync::DefaultLifecycle<Vec<u8>, Option<DvvSet>>,
 >;
 
-struct State {
+struct Shard {
     cache: Cache,
-    epochs: [u64; STRIPES],
+    /// Bumped by every write batch that touches the shard, before it applies.
+    epoch: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -110,41 +115,49 @@ impl CachedStorage {
         metrics
             .capacity_bytes
             .store(capacity_bytes, Ordering::Relaxed);
-        let estimated_items = (capacity_bytes / 256).clamp(16, 1 << 24) as usize;
-        let cache = Cache::with(
-            estimated_items,
-            capacity_bytes,
-            Weight,
-            Hasher::default(),
-            Default::default(),
-        );
+        let per_shard = (capacity_bytes / SHARDS as u64).max(1);
+        let estimated_items = (per_shard / 256).clamp(16, 1 << 20) as usize;
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    cache: Cache::with(
+                        estimated_items,
+                        per_shard,
+                        Weight,
+                        Hasher::default(),
+                        Default::default(),
+                    ),
+                    epoch: 0,
+                })
+            })
+            .collect();
         Arc::new(CachedStorage {
             inner,
-            state: Mutex::new(State {
-                cache,
-                epochs: [0; STRIPES],
-            }),
+            shards,
             hasher: Hasher::default(),
             metrics,
         })
     }
 
-    fn stripe(&self, stored_key: &[u8]) -> usize {
-        (self.hasher.hash_one(stored_key) % STRIPES as u64) as usize
-    }
-
-    /// The lock is only held by this module's short, panic-free sections; if a
-    /// panic poisoned it anyway, the cache is still consistent.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
+    /// The shard of a stored key, locked. The lock is only held by this
+    /// module's short, panic-free sections; if a panic poisoned it anyway, the
+    /// shard is still consistent.
+    fn shard(&self, stored_key: &[u8]) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(stored_key) % SHARDS as u64) as usize;
+        self.shards[i]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn update_gauges(&self, state: &State) {
+    /// Runs `change` on a locked shard and moves the gauges by what it did.
+    fn change(&self, shard: &mut Shard, change: impl FnOnce(&mut Cache)) {
+        let (len, weight) = (shard.cache.len() as u64, shard.cache.weight());
+        change(&mut shard.cache);
         let m = &self.metrics;
-        m.entries.store(state.cache.len() as u64, Ordering::Relaxed);
-        m.bytes.store(state.cache.weight(), Ordering::Relaxed);
+        let grew = (shard.cache.len() as u64).wrapping_sub(len);
+        m.entries.fetch_add(grew, Ordering::Relaxed);
+        let grew = shard.cache.weight().wrapping_sub(weight);
+        m.bytes.fetch_add(grew, Ordering::Relaxed);
     }
 }
 
@@ -155,14 +168,13 @@ impl super::StorageLayer for CachedStorage {
 
     fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
         let stored = storage_key(partition, key);
-        let (stripe, epoch) = {
-            let state = self.lock();
-            if let Some(set) = state.cache.get(&stored) {
+        let epoch = {
+            let shard = self.shard(&stored);
+            if let Some(set) = shard.cache.get(&stored) {
                 self.metrics.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(set.clone());
             }
-            let stripe = self.stripe(&stored);
-            (stripe, state.epochs[stripe])
+            shard.epoch
         };
         self.metrics.misses.fetch_add(1, Ordering::Relaxed);
         let set = self.inner.get(partition, key)?;
@@ -171,10 +183,10 @@ impl super::StorageLayer for CachedStorage {
             // new key reads it first), and the write fills the cache itself.
             return Ok(set);
         }
-        let mut state = self.lock();
-        if state.epochs[stripe] == epoch {
-            state.cache.insert(stored, set.clone());
-            self.update_gauges(&state);
+        let mut shard = self.shard(&stored);
+        if shard.epoch == epoch {
+            let fill = set.clone();
+            self.change(&mut shard, |cache| cache.insert(stored, fill));
         } else {
             self.metrics.fills_skipped.fetch_add(1, Ordering::Relaxed);
         }
@@ -186,32 +198,25 @@ impl super::StorageLayer for CachedStorage {
     }
 
     fn write_batch_owned(&self, writes: Vec<WriteOp>) -> Result<(), StorageError> {
-        let keys: Vec<(Vec<u8>, usize)> = writes
+        let keys: Vec<Vec<u8>> = writes
             .iter()
-            .map(|w| {
-                let stored = storage_key(w.partition, &w.key);
-                let stripe = self.stripe(&stored);
-                (stored, stripe)
-            })
+            .map(|w| storage_key(w.partition, &w.key))
             .collect();
-        {
-            let mut state = self.lock();
-            for (_, stripe) in &keys {
-                state.epochs[*stripe] = state.epochs[*stripe].wrapping_add(1);
-            }
+        for stored in &keys {
+            let mut shard = self.shard(stored);
+            shard.epoch = shard.epoch.wrapping_add(1);
         }
         let result = self.inner.write_batch(&writes);
-        let mut state = self.lock();
-        for ((stored, _), write) in keys.into_iter().zip(writes) {
+        for (stored, write) in keys.into_iter().zip(writes) {
+            let mut shard = self.shard(&stored);
             match &result {
                 // In batch order, so a later write of a key wins, as in the engine.
-                Ok(()) => state.cache.insert(stored, write.set),
-                Err(_) => {
-                    state.cache.remove(&stored);
-                }
+                Ok(()) => self.change(&mut shard, |cache| cache.insert(stored, write.set)),
+                Err(_) => self.change(&mut shard, |cache| {
+                    cache.remove(&stored);
+                }),
             }
         }
-        self.update_gauges(&state);
         result
     }
 }
@@ -348,6 +353,27 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_stays_within_its_bound_and_evicted_keys_read_from_the_engine() {
+        let inner = Arc::new(MemoryStorage::new());
+        let metrics = Arc::new(CacheMetrics::default());
+        let cached = CachedStorage::wrap(inner.clone(), 8 << 10, metrics.clone());
+        for i in 0..1000u32 {
+            let key = i.to_be_bytes();
+            cached
+                .write_batch(&[write(&key, Some(set_of(&key)))])
+                .unwrap();
+        }
+        let entries = metrics.entries.load(Ordering::Relaxed);
+        assert!((1..100).contains(&entries), "{entries} entries");
+        assert!(metrics.bytes.load(Ordering::Relaxed) <= 8 << 10);
+        for i in 0..1000u32 {
+            let key = i.to_be_bytes();
+            assert_eq!(cached.get(3, &key).unwrap(), Some(set_of(&key)));
+        }
+        assert!(metrics.misses.load(Ordering::Relaxed) >= 900);
+    }
+
+    #[test]
     fn zero_capacity_is_no_cache() {
         let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let wrapped = CachedStorage::wrap(inner.clone(), 0, Arc::default());
@@ -378,7 +404,7 @@ mod tests {
         fn the_cache_answers_what_the_engine_would(ops in proptest::collection::vec(op(), 1..200)) {
             let inner = Arc::new(MemoryStorage::new());
             let plain = MemoryStorage::new();
-            let cached = CachedStorage::wrap(inner.clone(), 2048, Arc::default());
+            let cached = CachedStorage::wrap(inner.clone(), 8 << 10, Arc::default());
             for op in ops {
                 match op {
                     Op::Write(writes) => {

@@ -59,6 +59,8 @@ pub struct CacheMetrics {
 }
 
 /// A [`Storage`] that keeps a bounded cache of decoded sets in front of `inner`.
+/// Reads may run on any thread; write batches must come one at a time (the
+/// storage worker's), or two batches could install their sets out of order.
 pub struct CachedStorage {
     inner: Arc<dyn Storage>,
     shards: Vec<Mutex<Shard>>,

@@ -81,8 +81,9 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 /// A storage engine that wraps another (the row cache, tests' fault
-/// injectors): every method passes through to [`StorageLayer::inner`] unless
-/// the layer overrides it. Implementing it gives [`Storage`]; a layer's
+/// injectors): reads, writes and syncs pass through to
+/// [`StorageLayer::inner`] unless the layer overrides them; scans, metadata
+/// and the simulated sync latency always do. Implementing it gives [`Storage`]; a layer's
 /// callers go through `dyn Storage` (or name the trait), since a concrete
 /// layer has both traits' methods.
 pub trait StorageLayer: Send + Sync + 'static {
@@ -105,27 +106,6 @@ pub trait StorageLayer: Send + Sync + 'static {
 
     fn sync(&self) -> Result<(), StorageError> {
         self.inner().sync()
-    }
-
-    fn scan_partition(
-        &self,
-        partition: u32,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
-        self.inner().scan_partition(partition, start_after, limit)
-    }
-
-    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner().get_meta(name)
-    }
-
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.inner().put_meta(name, value)
-    }
-
-    fn simulated_sync_latency(&self) -> std::time::Duration {
-        self.inner().simulated_sync_latency()
     }
 }
 
@@ -152,19 +132,19 @@ impl<L: StorageLayer> Storage for L {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
-        StorageLayer::scan_partition(self, partition, start_after, limit)
+        self.inner().scan_partition(partition, start_after, limit)
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        StorageLayer::get_meta(self, name)
+        self.inner().get_meta(name)
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        StorageLayer::put_meta(self, name, value)
+        self.inner().put_meta(name, value)
     }
 
     fn simulated_sync_latency(&self) -> std::time::Duration {
-        StorageLayer::simulated_sync_latency(self)
+        self.inner().simulated_sync_latency()
     }
 }
 

@@ -582,6 +582,46 @@ mod tests {
     }
 
     #[test]
+    fn the_row_cache_reports_its_hits_misses_and_size() {
+        use crate::storage::{CachedStorage, MemoryStorage, WriteOp};
+        let cache = Arc::new(CacheMetrics::default());
+        let m = Metrics::new("n1", Arc::default(), cache.clone());
+        let storage = CachedStorage::wrap(Arc::new(MemoryStorage::new()), 1 << 20, cache);
+        let write = WriteOp {
+            partition: 0,
+            key: b"k".to_vec(),
+            set: Some(dynamo_proto::DvvSet::default()),
+        };
+        storage.write_batch(&[write]).unwrap();
+        storage.get(0, b"k").unwrap();
+        storage.get(0, b"absent").unwrap();
+        let text = m.render();
+        assert_eq!(
+            line(&text, "dynamo_storage_cache_hits_total "),
+            "dynamo_storage_cache_hits_total 1"
+        );
+        assert_eq!(
+            line(&text, "dynamo_storage_cache_misses_total "),
+            "dynamo_storage_cache_misses_total 1"
+        );
+        assert_eq!(
+            line(&text, "dynamo_storage_cache_entries "),
+            "dynamo_storage_cache_entries 1"
+        );
+        assert_eq!(
+            line(&text, "dynamo_storage_cache_capacity_bytes "),
+            "dynamo_storage_cache_capacity_bytes 1048576"
+        );
+        let bytes: u64 = line(&text, "dynamo_storage_cache_bytes ")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(bytes > 0);
+    }
+
+    #[test]
     fn requests_are_counted_by_kind_and_outcome() {
         let m = Metrics::for_tests("n1");
         let quorum = ClientReply::Error(ClientError::Quorum {

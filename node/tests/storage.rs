@@ -608,12 +608,37 @@ async fn none_syncs_only_on_flush_and_shutdown() {
     storage.inner.crash();
     assert_eq!(storage.get(0, b"key20").unwrap(), Some(set(20)));
 
-    // After shutdown, submissions are reported as failed, never lost.
+    // After shutdown, submissions are reported as failed, never lost: not
+    // even one sent the moment shutdown returns, while the worker's thread
+    // may still be winding down.
     worker.submit(request(21));
-    let p = rx.recv().await.unwrap();
+    let p = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a write submitted after shutdown was never reported")
+        .unwrap();
     assert_eq!(p.ids, vec![21]);
     assert!(p.error.unwrap().contains("stopped"));
     assert_eq!(worker.flush().await, Err(StorageError::WorkerStopped));
+}
+
+/// The worker may stop on another thread than the caller's: a write
+/// submitted the moment `shutdown` returns must still be reported as failed,
+/// not vanish with the worker's queue. The race is narrow, so it is run many
+/// times over.
+#[tokio::test]
+async fn a_write_right_after_shutdown_is_reported_failed() {
+    for round in 0..200u64 {
+        let storage = Arc::new(Instrumented::default());
+        let (worker, mut rx) = spawn_storage_worker(storage, SyncPolicy::Always);
+        worker.shutdown().await.unwrap();
+        worker.submit(request(round));
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the write was never reported"))
+            .unwrap();
+        assert_eq!(p.ids, vec![round]);
+        assert!(p.error.unwrap().contains("stopped"));
+    }
 }
 
 #[cfg(not(madsim))]

@@ -122,6 +122,7 @@ impl CoreTask {
                 .metrics
                 .core_events
                 .fetch_add(handled as u64, Ordering::Relaxed);
+            let mut writes = Vec::new();
             while let Some(output) = state.node.poll_output() {
                 match output {
                     Output::Peer { to, msg } => peers.send(&to, msg),
@@ -135,9 +136,10 @@ impl CoreTask {
                             waiting.reply.send(reply);
                         }
                     }
-                    Output::Persist(request) => storage.submit(request),
+                    Output::Persist(request) => writes.push(request),
                 }
             }
+            storage.submit_all(writes);
         }
         // Every front end still waiting hears "shutting down".
         for (_, waiting) in state.waiting {

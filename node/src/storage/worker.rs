@@ -40,7 +40,8 @@ pub struct Persisted {
 }
 
 enum Command {
-    Persist(PersistRequest),
+    /// The writes one turn of the core asked for, in order.
+    Persist(Vec<PersistRequest>),
     /// Apply and sync everything queued before, then answer.
     Flush(oneshot::Sender<Result<(), StorageError>>),
     /// As `Flush`, then stop the worker.
@@ -121,17 +122,29 @@ impl StorageWorker {
     /// is persisted, or with an error if it failed (including when the worker has
     /// stopped).
     pub fn submit(&self, request: PersistRequest) {
-        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::error::SendError(Command::Persist(request))) =
-            self.commands.send(Command::Persist(request))
+        self.submit_all(vec![request]);
+    }
+
+    /// Queues writes, in order, as [`StorageWorker::submit`] does for one. The
+    /// core task hands over all of a turn's writes at once, so the worker (on
+    /// another thread) wakes once for them and puts them in one batch.
+    pub fn submit_all(&self, requests: Vec<PersistRequest>) {
+        if requests.is_empty() {
+            return;
+        }
+        self.metrics
+            .requests
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(Command::Persist(requests))) =
+            self.commands.send(Command::Persist(requests))
         {
             tracing::warn!(
-                id = request.id,
-                "write submitted after the storage worker stopped"
+                writes = requests.len(),
+                "writes submitted after the storage worker stopped"
             );
             // The receiver may be gone too; then no one waits for the outcome.
             let _ = self.persisted.send(Persisted {
-                ids: vec![request.id],
+                ids: requests.iter().map(|r| r.id).collect(),
                 error: Some(StorageError::WorkerStopped.to_string()),
             });
         }
@@ -185,23 +198,10 @@ struct Batch {
 impl Batch {
     fn add(&mut self, command: Command) {
         match command {
-            Command::Persist(r) => {
-                self.ids.push(r.id);
-                // Back-to-back writes of one key (a hot key under concurrent
-                // writers) collapse into the last: the batch is applied and
-                // synced as one, so the earlier ones would be overwritten
-                // before anyone could read them, and never seen after a crash.
-                if let Some(last) = self.writes.last_mut() {
-                    if last.partition == r.partition && last.key == r.key {
-                        last.set = Some(r.set);
-                        return;
-                    }
+            Command::Persist(requests) => {
+                for r in requests {
+                    self.add_write(r);
                 }
-                self.writes.push(WriteOp {
-                    partition: r.partition,
-                    key: r.key,
-                    set: Some(r.set),
-                });
             }
             Command::Flush(waiter) => self.waiters.push(waiter),
             Command::Shutdown(waiter) => {
@@ -209,6 +209,25 @@ impl Batch {
                 self.shutdown = true;
             }
         }
+    }
+
+    fn add_write(&mut self, r: PersistRequest) {
+        self.ids.push(r.id);
+        // Back-to-back writes of one key (a hot key under concurrent writers)
+        // collapse into the last: the batch is applied and synced as one, so
+        // the earlier ones would be overwritten before anyone could read them,
+        // and never seen after a crash.
+        if let Some(last) = self.writes.last_mut() {
+            if last.partition == r.partition && last.key == r.key {
+                last.set = Some(r.set);
+                return;
+            }
+        }
+        self.writes.push(WriteOp {
+            partition: r.partition,
+            key: r.key,
+            set: Some(r.set),
+        });
     }
 
     /// A flush or shutdown asks for a sync; stop draining there so that it
@@ -318,9 +337,9 @@ impl Worker {
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Persist(request) => {
+                Command::Persist(requests) => {
                     let _ = self.persisted.send(Persisted {
-                        ids: vec![request.id],
+                        ids: requests.iter().map(|r| r.id).collect(),
                         error: Some(StorageError::WorkerStopped.to_string()),
                     });
                 }

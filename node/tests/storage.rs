@@ -375,6 +375,8 @@ struct Instrumented {
     syncs: AtomicUsize,
     fail_writes: bool,
     fail_syncs: bool,
+    /// The next write batch panics (once).
+    panic_once: std::sync::atomic::AtomicBool,
 }
 
 impl dynamo_node::storage::StorageLayer for Instrumented {
@@ -384,6 +386,9 @@ impl dynamo_node::storage::StorageLayer for Instrumented {
     fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.writes.fetch_add(writes.len(), Ordering::SeqCst);
+        if self.panic_once.swap(false, Ordering::SeqCst) {
+            panic!("the engine blew up");
+        }
         if self.fail_writes {
             return Err(StorageError::Io {
                 op: "write",
@@ -619,6 +624,52 @@ async fn none_syncs_only_on_flush_and_shutdown() {
     assert_eq!(p.ids, vec![21]);
     assert!(p.error.unwrap().contains("stopped"));
     assert_eq!(worker.flush().await, Err(StorageError::WorkerStopped));
+}
+
+/// The core hands over a turn's writes in one message: they go into one
+/// batch, one engine write and one sync, whenever the worker's thread wakes.
+#[tokio::test]
+async fn a_turns_writes_share_one_batch() {
+    let storage = Arc::new(Instrumented::default());
+    let (worker, mut rx) = spawn_storage_worker(storage.clone(), SyncPolicy::Always);
+    worker.submit_all((0..20).map(request).collect());
+    let (ok, failed) = collect(&mut rx, 20).await;
+    assert_eq!((ok.len(), failed.len()), (20, 0));
+    assert_eq!(storage.batches.load(Ordering::SeqCst), 1);
+    assert_eq!(storage.writes.load(Ordering::SeqCst), 20);
+    assert_eq!(storage.syncs.load(Ordering::SeqCst), 1);
+    worker.submit_all(Vec::new());
+    worker.shutdown().await.unwrap();
+    assert_eq!(
+        storage.batches.load(Ordering::SeqCst),
+        1,
+        "nothing to write"
+    );
+}
+
+/// A panic in the engine fails its batch, never acknowledged, and the worker
+/// goes on with the next (in production; the simulator lets it propagate).
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn an_engine_panic_fails_its_batch_and_the_worker_goes_on() {
+    let storage = Arc::new(Instrumented::default());
+    storage.panic_once.store(true, Ordering::SeqCst);
+    let (worker, mut rx) = spawn_storage_worker(storage.clone(), SyncPolicy::Always);
+    worker.submit_all(vec![request(1), request(2)]);
+    let (ok, failed) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), collect(&mut rx, 2))
+            .await
+            .expect("the panicked batch was never reported");
+    assert!(ok.is_empty(), "{ok:?}");
+    assert!(
+        failed.iter().all(|(_, e)| e.contains("panicked")),
+        "{failed:?}"
+    );
+    worker.submit(request(3));
+    let (ok, failed) = collect(&mut rx, 1).await;
+    assert_eq!((ok, failed.len()), (vec![3], 0));
+    worker.shutdown().await.unwrap();
+    assert_eq!(storage.get(3, b"key3").unwrap(), Some(set(3)));
 }
 
 /// The worker may stop on another thread than the caller's: a write

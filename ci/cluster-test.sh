@@ -74,7 +74,15 @@ wait_for() {
     done
     fail "$what: not within ${secs}s"
 }
-healthy() { [ "$(status "$1" GET /health)" = 200 ]; }
+# ready NODE: /health answers 200 and NODE reaches every peer it knows, so a
+# w=3 write right after it has every link up.
+ready() {
+    curl -sf --max-time 5 "$(url "$1" /health)" | python3 -c '
+import json, sys
+peers = json.load(sys.stdin)["peers"]
+sys.exit(0 if peers["reachable"] == peers["known"] else 1)
+'
+}
 # member_is NODE MEMBER STATUS: NODE's /cluster reports MEMBER as STATUS
 # (up or unreachable).
 member_is() {
@@ -95,7 +103,7 @@ cli() {
 
 # 1. Up, and advertising the service names.
 for i in 1 2 3; do
-    wait_for 60 "n$i /health" healthy "$i"
+    wait_for 60 "n$i /health, reaching every peer" ready "$i"
 done
 curl -s "$(url 1 /cluster)" | python3 -c '
 import json, sys
@@ -135,7 +143,7 @@ log "3. n3 killed (SIGKILL): $KEYS W=2 writes and R=2 reads through n1/n2"
 
 # 4. n3 back on its volume: acknowledged w=3 writes are in its own storage.
 docker start "$N3" >/dev/null
-wait_for 60 "n3 /health after restart" healthy 3
+wait_for 60 "n3 /health after restart, reaching every peer" ready 3
 wait_for 30 "n3 to see n1 and n2 up after restart" all_up_for 3
 for k in $(seq 1 $KEYS); do
     local_json=$(curl -s --max-time 10 "$(url 3 "/kv/before-$k?local=true")")

@@ -3,8 +3,9 @@
 //!
 //! Node `i` (named `n<i+1>`) listens on `peer-port + i`, `client-port + i`,
 //! `http-port + i` and, for the Redis protocol, `resp-port + i`, keeps its data in `<data-dir>/n<i+1>` and its log in
-//! `<data-dir>/n<i+1>.log`. The launcher waits until every node answers, prints
-//! the addresses, then waits for Ctrl-C, SIGTERM or SIGHUP, or for a child to
+//! `<data-dir>/n<i+1>.log`. The launcher waits until every node answers and
+//! reaches every other (its `/health` counts the peers it reaches), prints the
+//! addresses, then waits for Ctrl-C, SIGTERM or SIGHUP, or for a child to
 //! exit on its own, and stops every child (SIGTERM, then SIGKILL after 5 s).
 //!
 //! Children run in their own process group, so a Ctrl-C in the terminal reaches
@@ -13,9 +14,7 @@
 //! It never runs in the simulator (real processes and signals).
 
 use crate::cli::{EXIT_ERROR, EXIT_OK};
-use crate::client::Connection;
 use anyhow::{bail, Context as _};
-use dynamo_proto::{ClientReply, ClientRequest};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -360,30 +359,33 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
 }
 
-/// Waits until every node answers `GET /health` or a binary ping. Errs when a
-/// child exits or the time runs out.
+/// Waits until every node answers `GET /health` and reaches every peer, so a
+/// request sent the moment the banner shows is not lost to a peer link still
+/// in its reconnect backoff. Errs when a child exits or the time runs out.
 async fn wait_all_ready(running: &mut [Running]) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut ready = vec![false; running.len()];
+    let mut state = vec![Readiness::Down; running.len()];
     loop {
         if let Some(msg) = check_children(running) {
             return Err(msg);
         }
         for (i, r) in running.iter().enumerate() {
-            if !ready[i] && node_ready(&r.node).await {
-                ready[i] = true;
-                tracing::info!(node = %r.node.name, "ready");
+            if state[i] != Readiness::Ready {
+                state[i] = readiness(&r.node.http_addr).await;
+                if state[i] == Readiness::Ready {
+                    tracing::info!(node = %r.node.name, "ready");
+                }
             }
         }
-        if ready.iter().all(|r| *r) {
+        if state.iter().all(|s| *s == Readiness::Ready) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             let late: Vec<String> = running
                 .iter()
-                .zip(&ready)
-                .filter(|(_, ok)| !**ok)
-                .map(|(r, _)| format!("{} (log: {})", r.node.name, r.node.log.display()))
+                .zip(&state)
+                .filter(|(_, s)| **s != Readiness::Ready)
+                .map(|(r, s)| format!("{} ({s}; log: {})", r.node.name, r.node.log.display()))
                 .collect();
             return Err(format!(
                 "nodes not ready after {} s: {}",
@@ -395,46 +397,74 @@ async fn wait_all_ready(running: &mut [Running]) -> Result<(), String> {
     }
 }
 
-async fn node_ready(node: &DevNode) -> bool {
-    http_health(&node.http_addr).await || binary_ping(&node.client_addr).await
+/// What a node's `GET /health` says about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readiness {
+    /// No healthy answer (yet).
+    Down,
+    /// Serving, with links to only some of its peers.
+    Connecting { reachable: u64, known: u64 },
+    /// Serving, and every peer reachable.
+    Ready,
 }
 
-/// `GET /health` over a raw HTTP/1.1 connection: true on a 200.
-pub async fn http_health(addr: &str) -> bool {
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Readiness::Down => f.write_str("no healthy answer on /health"),
+            Readiness::Connecting { reachable, known } => {
+                write!(f, "reaches {reachable} of {known} peers")
+            }
+            Readiness::Ready => f.write_str("ready"),
+        }
+    }
+}
+
+impl Readiness {
+    /// Reads a raw HTTP/1.1 response to `GET /health`.
+    fn of_response(response: &[u8]) -> Readiness {
+        let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Readiness::Down;
+        };
+        let head = String::from_utf8_lossy(&response[..split]);
+        let mut status_line = head.lines().next().unwrap_or("").split_whitespace();
+        let ok = status_line.next().is_some_and(|v| v.starts_with("HTTP/1."))
+            && status_line.next() == Some("200");
+        let body: serde_json::Value = match serde_json::from_slice(&response[split + 4..]) {
+            Ok(body) if ok => body,
+            _ => return Readiness::Down,
+        };
+        let peers = &body["peers"];
+        match (peers["reachable"].as_u64(), peers["known"].as_u64()) {
+            (Some(reachable), Some(known)) if reachable >= known => Readiness::Ready,
+            (Some(reachable), Some(known)) => Readiness::Connecting { reachable, known },
+            _ => Readiness::Down,
+        }
+    }
+}
+
+/// Asks one node's `GET /health` over a raw HTTP/1.1 connection.
+async fn readiness(addr: &str) -> Readiness {
+    /// More than any `/health` answer; a longer one is not ours.
+    const MAX_RESPONSE: u64 = 64 * 1024;
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let request = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         stream.flush().await.ok()?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 256];
-        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
-            let n = stream.read(&mut buf).await.ok()?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        let status_line = String::from_utf8_lossy(&head);
-        let mut parts = status_line.split_whitespace();
-        let version = parts.next()?;
-        Some(version.starts_with("HTTP/1.") && parts.next()? == "200")
+        let mut response = Vec::new();
+        stream
+            .take(MAX_RESPONSE)
+            .read_to_end(&mut response)
+            .await
+            .ok()?;
+        Some(Readiness::of_response(&response))
     };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), attempt).await,
-        Ok(Some(true))
-    )
-}
-
-async fn binary_ping(addr: &str) -> bool {
-    let Ok(conn) = Connection::connect(addr, Duration::from_millis(300)).await else {
-        return false;
-    };
-    let mut conn = conn.with_request_timeout(Duration::from_millis(500));
-    matches!(
-        conn.call(ClientRequest::Ping).await,
-        Ok(ClientReply::Pong { .. })
-    )
+    tokio::time::timeout(Duration::from_millis(500), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(Readiness::Down)
 }
 
 /// A message naming the first child that exited, with its status and log tail.
@@ -624,5 +654,52 @@ mod tests {
         }];
         let e = check_ports_free(&only_client).unwrap_err().to_string();
         assert!(e.contains(&port_s) && e.contains("--client-port"), "{e}");
+    }
+
+    #[test]
+    fn readiness_needs_a_200_and_every_peer() {
+        let answer = |status: &str, body: &str| {
+            Readiness::of_response(
+                format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\r\n{body}")
+                    .as_bytes(),
+            )
+        };
+        let ok = |reachable: u64, known: u64| {
+            format!(
+                r#"{{"status":"ok","node":"n1","peers":{{"known":{known},"reachable":{reachable}}}}}"#
+            )
+        };
+        assert_eq!(answer("200 OK", &ok(2, 2)), Readiness::Ready);
+        assert_eq!(
+            answer("200 OK", &ok(0, 0)),
+            Readiness::Ready,
+            "a single node"
+        );
+        assert_eq!(
+            answer("200 OK", &ok(1, 2)),
+            Readiness::Connecting {
+                reachable: 1,
+                known: 2
+            }
+        );
+        assert_eq!(
+            answer("200 OK", &ok(1, 2)).to_string(),
+            "reaches 1 of 2 peers"
+        );
+        assert_eq!(
+            answer("503 Service Unavailable", &ok(2, 2)),
+            Readiness::Down
+        );
+        // An older node, or something else on the port, is not taken as ready.
+        assert_eq!(
+            answer("200 OK", r#"{"status":"ok","node":"n1"}"#),
+            Readiness::Down
+        );
+        assert_eq!(answer("200 OK", "<html>"), Readiness::Down);
+        assert_eq!(
+            Readiness::of_response(b"HTTP/1.1 200 OK\r\n"),
+            Readiness::Down
+        );
+        assert_eq!(Readiness::of_response(b""), Readiness::Down);
     }
 }

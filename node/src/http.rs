@@ -44,6 +44,7 @@ use dynamo_proto::{
 };
 use serde_json::{json, Value};
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// The header that carries the opaque causal-context token.
@@ -531,7 +532,12 @@ async fn health(State(handle): State<CoreHandle>) -> Response {
     };
     match tokio::time::timeout(HEALTH_TIMEOUT, handle.request(ClientRequest::Ping)).await {
         Ok(ClientReply::Pong { node }) => {
-            Json(json!({ "status": "ok", "node": node.as_str() })).into_response()
+            let metrics = &handle.metrics;
+            let peers = json!({
+                "known": metrics.peers_known.load(Ordering::Relaxed),
+                "reachable": metrics.peers_reachable.load(Ordering::Relaxed),
+            });
+            Json(json!({ "status": "ok", "node": node.as_str(), "peers": peers })).into_response()
         }
         Ok(ClientReply::Error(e)) => unavailable(e.to_string()),
         Ok(other) => ApiError::unexpected(&other).into_response(),
@@ -620,6 +626,7 @@ mod tests {
     struct Fake {
         addr: SocketAddr,
         requests: Arc<Mutex<Vec<ClientRequest>>>,
+        metrics: Arc<crate::metrics::Metrics>,
         _shutdown: tokio::sync::oneshot::Sender<()>,
     }
 
@@ -658,12 +665,14 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let metrics = handle.metrics.clone();
         tokio::spawn(serve(listener, handle, async {
             let _ = stop.await;
         }));
         Fake {
             addr,
             requests,
+            metrics,
             _shutdown: shutdown,
         }
     }
@@ -1175,9 +1184,14 @@ mod tests {
             })
         })
         .await;
+        f.metrics.peers_known.store(2, Ordering::Relaxed);
+        f.metrics.peers_reachable.store(1, Ordering::Relaxed);
         let resp = call(f.addr, "GET", "/health", &[], b"").await;
         assert_eq!(resp.status, 200);
-        assert_eq!(resp.json(), json!({ "status": "ok", "node": "n7" }));
+        assert_eq!(
+            resp.json(),
+            json!({ "status": "ok", "node": "n7", "peers": { "known": 2, "reachable": 1 } })
+        );
         assert_eq!(f.requests(), vec![ClientRequest::Ping]);
 
         // A core that drops the request (shutting down) makes the node unhealthy.

@@ -10,13 +10,18 @@ use common::Cluster;
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 const DYNAMO: &str = env!("CARGO_BIN_EXE_dynamo");
 
-/// A base port with `count` consecutive free ports from it.
+/// A base port with `count` consecutive free ports from it. Each call starts
+/// its search somewhere else, so tests running at once in this process do not
+/// pick the same ports.
 fn free_port_run(count: u16, avoid: &[u16]) -> u16 {
-    let seed = std::process::id() as u16;
+    static CALLS: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u16)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(4099));
     for i in 0..2000u16 {
         let base = 20_000 + (seed.wrapping_mul(7).wrapping_add(i.wrapping_mul(13))) % 30_000;
         let range = base..base + count;
@@ -304,6 +309,85 @@ fn read_until(out: std::process::ChildStdout, needle: &str, limit: Duration) -> 
     seen
 }
 
+/// The base ports of a 2-node `dynamo dev`.
+struct DevPorts {
+    peer: u16,
+    client: u16,
+    http: u16,
+    resp: u16,
+}
+
+impl DevPorts {
+    fn free() -> DevPorts {
+        let peer = free_port_run(2, &[]);
+        let client = free_port_run(2, &[peer, peer + 1]);
+        let http = free_port_run(2, &[peer, peer + 1, client, client + 1]);
+        let resp = free_port_run(2, &[peer, peer + 1, client, client + 1, http, http + 1]);
+        DevPorts {
+            peer,
+            client,
+            http,
+            resp,
+        }
+    }
+}
+
+/// Starts `dynamo dev` with two nodes (N=2, sync none) on `ports`.
+fn spawn_dev(dir: &std::path::Path, ports: &DevPorts) -> DevGuard {
+    let dev = Command::new(DYNAMO)
+        .args(["dev", "--nodes", "2", "--n", "2", "--sync", "none"])
+        .args(["--peer-port", &ports.peer.to_string()])
+        .args(["--client-port", &ports.client.to_string()])
+        .args(["--http-port", &ports.http.to_string()])
+        .args(["--resp-port", &ports.resp.to_string()])
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    DevGuard(dev)
+}
+
+/// Waits for the launcher's banner and returns it; panics with n1's log if it
+/// never comes.
+fn banner(dev: &mut DevGuard, dir: &std::path::Path) -> String {
+    let stdout = dev.0.stdout.take().unwrap();
+    let banner = read_until(stdout, "Ctrl-C", Duration::from_secs(60));
+    if !banner.contains("Ctrl-C") {
+        let logs = std::fs::read_to_string(dir.join("n1.log")).unwrap_or_default();
+        panic!("no banner: {banner}\nn1.log:\n{logs}");
+    }
+    banner
+}
+
+/// The pid of the launcher's child `node` (`dynamo server --node-id NODE`),
+/// looked for in /proc until it appears.
+fn dev_child(launcher: u32, node: &str, limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
+    let wanted = format!("\0--node-id\0{node}\0");
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if ppid == Some(launcher) && String::from_utf8_lossy(&cmdline).contains(&wanted) {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no child {node} of {launcher}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Stops a `dynamo dev` launcher the way a user would (SIGTERM), so it stops
 /// its nodes; SIGKILL only if it does not exit.
 struct DevGuard(Child);
@@ -338,30 +422,15 @@ impl Drop for DevGuard {
 #[test]
 fn dev_starts_a_cluster_and_stops_it_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let peer = free_port_run(2, &[]);
-    let client = free_port_run(2, &[peer, peer + 1]);
-    let http = free_port_run(2, &[peer, peer + 1, client, client + 1]);
-    let resp = free_port_run(2, &[peer, peer + 1, client, client + 1, http, http + 1]);
-    let dev = Command::new(DYNAMO)
-        .args(["dev", "--nodes", "2", "--n", "2", "--sync", "none"])
-        .args(["--peer-port", &peer.to_string()])
-        .args(["--client-port", &client.to_string()])
-        .args(["--http-port", &http.to_string()])
-        .args(["--resp-port", &resp.to_string()])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut dev = DevGuard(dev);
-    let stdout = dev.0.stdout.take().unwrap();
-    let banner = read_until(stdout, "Ctrl-C", Duration::from_secs(60));
-    if !banner.contains("Ctrl-C") {
-        let logs = std::fs::read_to_string(dir.path().join("n1.log")).unwrap_or_default();
-        panic!("no banner: {banner}\nn1.log:\n{logs}");
-    }
+    let ports = DevPorts::free();
+    let mut dev = spawn_dev(dir.path(), &ports);
+    let banner = banner(&mut dev, dir.path());
+    let DevPorts {
+        peer,
+        client,
+        http,
+        resp,
+    } = ports;
     assert!(
         banner.contains(&format!("n2   http http://127.0.0.1:{}", http + 1)),
         "{banner}"
@@ -428,4 +497,37 @@ fn wait_port_closed(addr: &str, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A node that starts late leaves its peers' links to it in reconnect backoff;
+/// the banner must wait until every link is up, or the first request through a
+/// peer is dropped on the floor and times out (the CI failure this pins: n2's
+/// read before a put got 1 of 2 replies).
+#[test]
+fn dev_banner_waits_until_the_nodes_reach_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = DevPorts::free();
+    let mut dev = spawn_dev(dir.path(), &ports);
+    // Hold n1 stopped as it starts, as a slow disk or a busy machine would:
+    // n2's connects to it are refused and back off to 800 ms.
+    let n1 = dev_child(dev.0.id(), "n1", Duration::from_secs(10)).to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill").args([sig, &n1]).status().unwrap();
+        assert!(status.success(), "kill {sig} {n1}");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(900));
+    signal("-CONT");
+    banner(&mut dev, dir.path());
+
+    let n2 = format!("127.0.0.1:{}", ports.client + 1);
+    expect(
+        &run_dynamo(&["put", "late", "1"], &["--node", &n2], None),
+        0,
+    );
+    let n1_client = format!("127.0.0.1:{}", ports.client);
+    let out = run_dynamo(&["get", "late"], &["--node", &n1_client], None);
+    expect(&out, 0);
+    assert_eq!(out.stdout, b"1");
+    assert_eq!(dev.terminate(), Some(0));
 }

@@ -6,7 +6,8 @@
 //! are `dynamo-proto` frames; a malformed one closes that connection and nothing
 //! else. Outbound connections reconnect with capped exponential backoff; while a
 //! peer is unreachable its messages are dropped (the core's timeouts, read
-//! repair and, later, hinted handoff make up for them).
+//! repair and, later, hinted handoff make up for them). Messages sent while a
+//! connection attempt is under way wait for it, and go out if it succeeds.
 //!
 //! Only `tokio::net`, `tokio::time` and `tokio::spawn` are used, so the simulator
 //! runs this very code.
@@ -100,9 +101,10 @@ async fn outbound(
                     client_addr: Some(theirs.client_addr),
                     http_addr: Some(theirs.http_addr),
                 });
-                // Messages queued while disconnected are stale; the core has
-                // timed them out or will.
-                while rx.try_recv().is_ok() {}
+                // What was queued during this attempt goes out now: the
+                // request it belongs to is most likely still waiting (a node
+                // that just started, a peer back from a restart). What piled up
+                // while the peer was away was dropped during the backoff.
                 match pump(&mut ctx, stream, &mut rx).await {
                     PumpEnd::Shutdown | PumpEnd::Closed => return,
                     PumpEnd::Failed(e) => {
@@ -470,5 +472,83 @@ fn kind(msg: &PeerMessage) -> &'static str {
         PeerMessage::ForwardReply { .. } => "ForwardReply",
         PeerMessage::Ping { .. } => "Ping",
         PeerMessage::Pong { .. } => "Pong",
+    }
+}
+
+#[cfg(all(test, not(madsim)))]
+mod tests {
+    use super::*;
+    use dynamo_proto::ClusterId;
+    use std::collections::BTreeSet;
+
+    fn hello(node: &str) -> Hello {
+        Hello {
+            cluster_id: ClusterId("c".into()),
+            node: NodeId::new(node),
+            q: 8,
+            n: 2,
+            client_addr: String::new(),
+            http_addr: String::new(),
+        }
+    }
+
+    /// A message sent while the connection's greeting is still under way (a
+    /// peer that just started, or is slow to answer) goes out once the greeting
+    /// succeeds; it used to be thrown away with what the backoff drops.
+    #[tokio::test]
+    async fn a_message_sent_during_the_greeting_goes_out_after_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let codec = FrameCodec::new(1 << 20);
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        let (_stop, shutdown) = watch::channel(false);
+        let ctx = PeerContext {
+            hello: hello("n1"),
+            check: HelloCheck {
+                cluster_id: ClusterId("c".into()),
+                node: NodeId::new("n1"),
+                q: 8,
+                n: 2,
+                members: BTreeSet::from([NodeId::new("n1"), NodeId::new("n2")]),
+            },
+            codec,
+            events,
+            shutdown,
+            metrics: crate::metrics::Metrics::for_tests("n1"),
+        };
+        let (heard_tx, heard_rx) = tokio::sync::oneshot::channel();
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = ReadBuf::default();
+            let first = read_frame(&mut stream, &codec, &mut buf).await.unwrap();
+            assert!(matches!(first, Some(PeerMessage::Hello(h)) if h.node.as_str() == "n1"));
+            heard_tx.send(()).unwrap();
+            // Answer the greeting only once the message below is queued.
+            answer_rx.await.unwrap();
+            let ours = codec.encode(&PeerMessage::Hello(hello("n2"))).unwrap();
+            write_all_flush(&mut stream, &ours).await.unwrap();
+            loop {
+                match read_frame(&mut stream, &codec, &mut buf).await.unwrap() {
+                    Some(PeerMessage::Ping { .. }) => continue,
+                    other => return other,
+                }
+            }
+        });
+        let senders = spawn_outbound(&ctx, &[(NodeId::new("n2"), addr)]);
+        heard_rx.await.unwrap();
+        let ack = PeerMessage::ReplicateAck {
+            reqs: vec![7],
+            error: None,
+        };
+        senders.send(&NodeId::new("n2"), ack.clone());
+        answer_tx.send(()).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), peer)
+            .await
+            .expect("the peer heard nothing after the greeting")
+            .unwrap();
+        assert_eq!(got, Some(ack));
+        let reachable = events_rx.recv().await.unwrap();
+        assert!(matches!(reachable, Event::PeerReachable { up: true, .. }));
     }
 }

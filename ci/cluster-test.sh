@@ -84,7 +84,7 @@ sys.exit(0 if peers["reachable"] == peers["known"] else 1)
 '
 }
 # member_is NODE MEMBER STATUS: NODE's /cluster reports MEMBER as STATUS
-# (up or unreachable).
+# (up, unreachable or unknown).
 member_is() {
     [ "$(curl -s --max-time 5 "$(url "$1" /cluster)" | python3 -c '
 import json, sys

@@ -638,7 +638,7 @@ impl RingRoute {
     }
 
     /// Client addresses to try for `key`: the primaries in preference-list order
-    /// (those the answering node sees as up before suspect ones), then every
+    /// (those the answering node sees as up before the others), then every
     /// other member in the order the cluster listed them.
     pub fn candidates(&self, key: &[u8]) -> Vec<String> {
         let primaries = self.primaries(key);
@@ -1387,14 +1387,14 @@ mod tests {
     }
 
     #[test]
-    fn suspect_primaries_go_after_up_ones() {
+    fn unreachable_primaries_go_after_up_ones() {
         let mut i = three();
         let route = RingRoute::new(i.clone()).unwrap();
         let key = b"some key";
         let primaries = route.primaries(key);
         for m in &mut i.members {
             if m.id == primaries[0] {
-                m.status = "suspect".into();
+                m.status = "unreachable".into();
             }
         }
         let route = RingRoute::new(i).unwrap();

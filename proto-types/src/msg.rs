@@ -105,7 +105,10 @@ pub struct MemberInfo {
     pub client_addr: String,
     /// HTTP address, empty when the node serves no HTTP.
     pub http_addr: String,
-    /// `up` or `suspect`, as this node's failure detector sees it.
+    /// As the answering node sees it: `up` (connected), `unreachable` (its
+    /// last connection failed or was lost) or `unknown` (no connection attempt
+    /// has finished since the answering node started). The answering node is
+    /// always `up`.
     pub status: String,
     pub partitions: u32,
 }

@@ -12,6 +12,6 @@ pub mod ring;
 pub mod store;
 pub mod version;
 
-pub use membership::{HelloCheck, Member};
+pub use membership::{HelloCheck, Member, Reachability};
 pub use node::{ClientId, Config, ConfigError, Millis, Node, Output, PersistRequest};
 pub use store::{LocalStore, StoreError};

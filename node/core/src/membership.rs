@@ -31,6 +31,28 @@ impl Member {
     }
 }
 
+/// A peer as this node's shell last saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reachability {
+    /// No connection attempt has finished since this node started.
+    Unknown,
+    /// The last connection to it was made (and greeted).
+    Reachable,
+    /// The last connection to it failed or was lost.
+    Unreachable,
+}
+
+impl Reachability {
+    /// The name `/cluster` and `dynamo status` show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Reachable => "up",
+            Reachability::Unreachable => "unreachable",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Membership {
     members: BTreeMap<NodeId, Member>,
@@ -86,8 +108,19 @@ impl Membership {
         }
     }
 
+    /// Whether requests may be routed to `id`: a member not yet heard of counts
+    /// as up until a connection to it fails.
     pub fn is_up(&self, id: &NodeId) -> bool {
-        !self.down.get(id).copied().unwrap_or(false)
+        self.reachability(id) != Reachability::Unreachable
+    }
+
+    /// What the shell last reported about `id`.
+    pub fn reachability(&self, id: &NodeId) -> Reachability {
+        match self.down.get(id) {
+            None => Reachability::Unknown,
+            Some(false) => Reachability::Reachable,
+            Some(true) => Reachability::Unreachable,
+        }
     }
 
     /// Records what the shell learned: a connection to `id` works (`up`) or failed.

@@ -10,7 +10,7 @@
 //! replica acknowledges, and a coordinator counts its own copy, only once the
 //! shell calls [`Node::on_persisted`] for it.
 
-use crate::membership::{HelloCheck, Member, Membership};
+use crate::membership::{HelloCheck, Member, Membership, Reachability};
 use crate::quorum;
 use crate::ring::RingError;
 use crate::store::LocalStore;
@@ -170,6 +170,28 @@ enum PersistWaiter {
     Nobody,
 }
 
+/// Bits of a request id left for the per-start counter: 2^40 requests (about
+/// 127 days at 100,000 a second) before one start's ids run into the next's.
+const REQUEST_COUNTER_BITS: u32 = 40;
+
+/// The first request id of a start of the node with `actor`. Replies
+/// (`ReadReply`, `ReplicateAck`, `ForwardReply`) name only the request id, and a
+/// peer's reply to a request of an earlier start can arrive after a restart
+/// (it was queued while the connection was re-established, or the peer was
+/// frozen): were ids to start over at 1, it would be taken for the reply to a
+/// new request, and a read would merge in another key's versions and a write
+/// count an acknowledgement its replica never gave. So each start draws its ids
+/// from its own range: the high 24 bits come from the epoch, which is bumped on
+/// every start, mixed with the incarnation, so that a wiped data directory (a new
+/// incarnation at epoch 1) does not start over either.
+pub fn first_request_id(actor: Actor) -> u64 {
+    let start = actor
+        .incarnation
+        .rotate_left(23)
+        .wrapping_add(u64::from(actor.epoch));
+    (start << REQUEST_COUNTER_BITS) | 1
+}
+
 /// One cluster member's coordinator and replica roles.
 pub struct Node {
     config: Config,
@@ -244,7 +266,7 @@ impl Node {
             unsynced: BTreeMap::new(),
             persist_waiters: BTreeMap::new(),
             next_persist: 1,
-            next_req: 1,
+            next_req: first_request_id(actor),
             pending: BTreeMap::new(),
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
@@ -739,9 +761,18 @@ impl Node {
             ));
             return self.answer(origin, ClientReply::Error(e));
         }
+        // A primary known to be connected first, then one not yet reached
+        // (a node that just restarted has not finished greeting everyone, and
+        // an attempt at a frozen peer can take seconds to fail), then the
+        // first in preference-list order.
+        let rank = |p: &&NodeId| match self.membership.reachability(p) {
+            Reachability::Reachable => 0,
+            Reachability::Unknown => 1,
+            Reachability::Unreachable => 2,
+        };
         let to = primaries
             .iter()
-            .find(|p| self.membership.is_up(p))
+            .min_by_key(rank)
             .unwrap_or(&primaries[0])
             .clone();
         let req = self.next_request();
@@ -884,7 +915,7 @@ impl Node {
 
     fn next_request(&mut self) -> u64 {
         let req = self.next_req;
-        self.next_req += 1;
+        self.next_req = self.next_req.wrapping_add(1);
         req
     }
 
@@ -972,10 +1003,10 @@ impl Node {
                 peer_addr: m.peer_addr.clone(),
                 client_addr: m.client_addr.clone(),
                 http_addr: m.http_addr.clone(),
-                status: if m.id == self.config.node || self.membership.is_up(&m.id) {
-                    "up".into()
+                status: if m.id == self.config.node {
+                    Reachability::Reachable.as_str().into()
                 } else {
-                    "unreachable".into()
+                    self.membership.reachability(&m.id).as_str().into()
                 },
                 partitions: ring.partitions_of(&m.id).len() as u32,
             })

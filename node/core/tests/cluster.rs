@@ -3,6 +3,7 @@
 
 mod util;
 
+use dynamo_core::node::first_request_id;
 use dynamo_core::version::Versioning;
 use dynamo_core::Config;
 use dynamo_proto::{ClientError, ClientReply, ClientRequest, ClusterId, Hello, NodeId, WriteMode};
@@ -247,6 +248,32 @@ fn forward_to_an_unreachable_primary_times_out_with_a_clear_error() {
     assert!(msg.contains("may still have been applied"), "{msg}");
 }
 
+/// Regression for swarm seed 14000: a node that had just restarted had not yet
+/// finished greeting a frozen primary, counted it as up, forwarded a write to it
+/// and timed out, although another primary was connected.
+#[test]
+fn a_forward_prefers_a_connected_primary_to_one_not_yet_reached() {
+    let mut c = Cluster::new(4, 3, 2, 1);
+    let key = key_not_on(&c, "n4");
+    let primaries = c.primaries(&key);
+    c.isolate(primaries[0].as_str());
+    let n4 = &mut c.node_mut("n4").node;
+    // The first primary: never reached since n4 started; the second: connected.
+    n4.set_reachable(&primaries[1], true);
+    let (dot, _) = expect_put(c.put("n4", &key, b"v", None));
+    assert_ne!(dot.actor, c.node(primaries[0].as_str()).actor());
+    // With none connected, one not yet reached goes before those known
+    // unreachable.
+    c.heal();
+    c.isolate(primaries[0].as_str());
+    c.isolate(primaries[1].as_str());
+    let n4 = &mut c.node_mut("n4").node;
+    n4.set_reachable(&primaries[0], false);
+    n4.set_reachable(&primaries[1], false);
+    let (dot, _) = expect_put(c.put("n4", &key, b"w", None));
+    assert_eq!(dot.actor, c.node(primaries[2].as_str()).actor());
+}
+
 #[test]
 fn acknowledged_write_survives_a_replica_losing_unsynced_writes() {
     let mut c = Cluster::new(3, 3, 2, 2);
@@ -413,9 +440,19 @@ fn back_to_back_writes_of_one_key_reach_each_replica_folded() {
             .filter(|m| m.starts_with(&format!("{coord}->{replica}:")))
             .collect();
         assert_eq!(to_it.len(), 3, "{to_it:#?}");
-        assert!(to_it[0].contains("reqs: [1, 2, 3, 4]"), "{}", to_it[0]);
-        assert!(to_it[1].contains("reqs: [5]"), "{}", to_it[1]);
-        assert!(to_it[2].contains("reqs: [6]"), "{}", to_it[2]);
+        let r = first_request_id(c.node(&coord).actor());
+        let folded = format!("reqs: [{r}, {}, {}, {}]", r + 1, r + 2, r + 3);
+        assert!(to_it[0].contains(&folded), "{}", to_it[0]);
+        assert!(
+            to_it[1].contains(&format!("reqs: [{}]", r + 4)),
+            "{}",
+            to_it[1]
+        );
+        assert!(
+            to_it[2].contains(&format!("reqs: [{}]", r + 5)),
+            "{}",
+            to_it[2]
+        );
         let acks = c
             .delivered
             .iter()
@@ -468,7 +505,9 @@ fn a_replica_that_cannot_read_fails_every_folded_write_at_once() {
         .filter(|m| m.starts_with(&format!("{}->{coord}: ReplicateAck", primaries[1])))
         .collect();
     assert_eq!(acks.len(), 1, "{acks:#?}");
-    assert!(acks[0].contains("reqs: [1, 2]") && acks[0].contains("injected read failure"));
+    let r = first_request_id(c.node(&coord).actor());
+    let both = format!("reqs: [{r}, {}]", r + 1);
+    assert!(acks[0].contains(&both) && acks[0].contains("injected read failure"));
 }
 
 #[test]
@@ -534,4 +573,111 @@ fn the_same_inputs_give_the_same_message_trace() {
     let a = run();
     assert!(a.len() > 100);
     assert_eq!(a, run());
+}
+
+/// `/cluster` reports a peer `unknown` until the shell has reached it, then as
+/// the last report says; the answering node is always `up`. Only a failed
+/// connection takes a peer out of routing.
+#[test]
+fn cluster_info_tells_unknown_peers_from_reachable_and_unreachable_ones() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let statuses = |c: &mut Cluster| -> Vec<(String, String)> {
+        let ClientReply::ClusterInfo(info) = c.request("n1", ClientRequest::ClusterInfo) else {
+            panic!("expected cluster info");
+        };
+        info.members
+            .into_iter()
+            .map(|m| (m.id.to_string(), m.status))
+            .collect()
+    };
+    let named = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        statuses(&mut c),
+        named(&[("n1", "up"), ("n2", "unknown"), ("n3", "unknown")])
+    );
+    assert!(
+        c.node("n1").membership().is_up(&NodeId::from("n2")),
+        "a peer not yet reached is routed to"
+    );
+    let n1 = c.node_mut("n1");
+    n1.node.set_reachable(&NodeId::from("n2"), true);
+    n1.node.set_reachable(&NodeId::from("n3"), false);
+    assert_eq!(
+        statuses(&mut c),
+        named(&[("n1", "up"), ("n2", "up"), ("n3", "unreachable")])
+    );
+    let membership = c.node("n1").membership();
+    assert!(membership.is_up(&NodeId::from("n2")));
+    assert!(!membership.is_up(&NodeId::from("n3")));
+    c.node_mut("n1")
+        .node
+        .set_reachable(&NodeId::from("n3"), true);
+    assert_eq!(
+        statuses(&mut c),
+        named(&[("n1", "up"), ("n2", "up"), ("n3", "up")])
+    );
+}
+
+/// Every peer message `node` has queued, in order (other outputs dropped).
+fn peer_messages(node: &mut dynamo_core::Node) -> Vec<(NodeId, dynamo_proto::PeerMessage)> {
+    let mut out = Vec::new();
+    while let Some(output) = node.poll_output() {
+        if let dynamo_core::Output::Peer { to, msg } = output {
+            out.push((to, msg));
+        }
+    }
+    out
+}
+
+/// Regression for swarm seed 14182: a replica's answer to a read that its
+/// coordinator sent before restarting reached the restarted coordinator, which
+/// had started numbering its requests over and took the answer for its new read
+/// of another key; the client saw that key's value as a sibling, and read
+/// repair stored it there.
+#[test]
+fn a_reply_to_a_request_from_before_a_restart_is_not_taken_for_a_new_one() {
+    let mut c = Cluster::new(3, 3, 3, 3);
+    // Written through n3 and n2 (distinct dots), so that n1's first request of
+    // each start is a read.
+    expect_put(c.put("n3", b"a", b"value of a", None));
+    expect_put(c.put("n2", b"b", b"value of b", None));
+    c.settle();
+    let (n1, n2) = (NodeId::from("n1"), NodeId::from("n2"));
+    let get = |key: &[u8]| ClientRequest::Get {
+        key: key.to_vec(),
+        r: Some(3),
+    };
+    // n1 reads "a" from every replica; n2's answer is still in flight when n1
+    // crashes.
+    c.submit("n1", get(b"a"));
+    let now = c.now;
+    let read = peer_messages(&mut c.node_mut("n1").node)
+        .into_iter()
+        .find(|(to, _)| *to == n2)
+        .expect("a read for n2")
+        .1;
+    c.node_mut("n2").node.handle_peer(now, &n1, read);
+    let stale = peer_messages(&mut c.node_mut("n2").node)
+        .into_iter()
+        .find(|(to, msg)| *to == n1 && matches!(msg, dynamo_proto::PeerMessage::ReadReply { .. }))
+        .expect("n2 answers the read")
+        .1;
+    c.crash_and_restart("n1");
+    // The restarted n1 reads "b"; the old answer (about "a") lands first.
+    let req = c.submit("n1", get(b"b"));
+    c.node_mut("n1").node.handle_peer(now, &n2, stale);
+    let got = expect_get(c.wait(req));
+    assert_eq!(values(&got), ["value of b"]);
+    c.settle();
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(
+            set_values(&c.durable(n, b"b").unwrap()),
+            ["value of b"],
+            "{n}"
+        );
+    }
 }

@@ -8,6 +8,9 @@ use dynamo_sim::{report, run};
 
 const SWARM: &str = include_str!("../../scenarios/swarm.toml");
 
+/// What the later seeds of 14000's kind found.
+const AS_14000: &str = "forwarded a write to a primary it had not yet greeted, as 14000";
+
 /// (scenario text, seed, what the seed found).
 const SEEDS: &[(&str, u64, &str)] = &[
     (
@@ -16,6 +19,17 @@ const SEEDS: &[(&str, u64, &str)] = &[
         "a node that had just restarted counted a frozen primary it had not yet \
          greeted as up, and forwarded a write to it instead of a connected primary",
     ),
+    // The same in other swarm clusters: a put or delete forwarded to a
+    // primary down or frozen in a clean fault window, past one that was up.
+    (SWARM, 26129, AS_14000),
+    (SWARM, 26660, AS_14000),
+    (SWARM, 36329, AS_14000),
+    (SWARM, 37459, AS_14000),
+    (SWARM, 38276, AS_14000),
+    (SWARM, 38294, AS_14000),
+    (SWARM, 42028, AS_14000),
+    (SWARM, 42264, AS_14000),
+    (SWARM, 51882, AS_14000),
     (
         SWARM,
         14182,

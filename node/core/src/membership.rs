@@ -31,13 +31,14 @@ impl Member {
     }
 }
 
-/// A peer as this node's shell last saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A peer as this node's shell last saw it, ordered from the best target for a
+/// request to the worst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reachability {
-    /// No connection attempt has finished since this node started.
-    Unknown,
     /// The last connection to it was made (and greeted).
     Reachable,
+    /// No connection attempt has finished since this node started.
+    Unknown,
     /// The last connection to it failed or was lost.
     Unreachable,
 }
@@ -57,9 +58,9 @@ impl Reachability {
 pub struct Membership {
     members: BTreeMap<NodeId, Member>,
     ring: Ring,
-    /// Peers this node currently believes reachable. Absent means unknown,
-    /// which counts as reachable until a connection fails.
-    down: BTreeMap<NodeId, bool>,
+    /// What the shell last reported about each peer; absent means
+    /// [`Reachability::Unknown`].
+    reachability: BTreeMap<NodeId, Reachability>,
 }
 
 impl Membership {
@@ -72,7 +73,7 @@ impl Membership {
         Ok(Membership {
             members,
             ring,
-            down: BTreeMap::new(),
+            reachability: BTreeMap::new(),
         })
     }
 
@@ -116,17 +117,21 @@ impl Membership {
 
     /// What the shell last reported about `id`.
     pub fn reachability(&self, id: &NodeId) -> Reachability {
-        match self.down.get(id) {
-            None => Reachability::Unknown,
-            Some(false) => Reachability::Reachable,
-            Some(true) => Reachability::Unreachable,
-        }
+        self.reachability
+            .get(id)
+            .copied()
+            .unwrap_or(Reachability::Unknown)
     }
 
     /// Records what the shell learned: a connection to `id` works (`up`) or failed.
     pub fn set_reachable(&mut self, id: &NodeId, up: bool) {
         if self.members.contains_key(id) {
-            self.down.insert(id.clone(), !up);
+            let seen = if up {
+                Reachability::Reachable
+            } else {
+                Reachability::Unreachable
+            };
+            self.reachability.insert(id.clone(), seen);
         }
     }
 }

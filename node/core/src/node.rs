@@ -761,18 +761,13 @@ impl Node {
             ));
             return self.answer(origin, ClientReply::Error(e));
         }
-        // A primary known to be connected first, then one not yet reached
-        // (a node that just restarted has not finished greeting everyone, and
-        // an attempt at a frozen peer can take seconds to fail), then the
-        // first in preference-list order.
-        let rank = |p: &&NodeId| match self.membership.reachability(p) {
-            Reachability::Reachable => 0,
-            Reachability::Unknown => 1,
-            Reachability::Unreachable => 2,
-        };
+        // A primary known to be connected first, then one not yet reached (a
+        // node that just restarted has not finished greeting everyone, and an
+        // attempt at a frozen peer can take seconds to fail), then one whose
+        // connection failed; the first in preference-list order of the best.
         let to = primaries
             .iter()
-            .min_by_key(rank)
+            .min_by_key(|p| self.membership.reachability(p))
             .unwrap_or(&primaries[0])
             .clone();
         let req = self.next_request();

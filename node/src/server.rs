@@ -9,8 +9,10 @@ use anyhow::Context as _;
 use rand::SeedableRng;
 use std::sync::Arc;
 
-/// How long shutdown waits for RESP connections to write their last replies.
-const RESP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long shutdown waits for the HTTP and RESP front ends to finish their
+/// last requests and write their replies: a client that stalls mid-request or
+/// stops reading must not hold the process up.
+const FRONT_END_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs a node until a signal asks it to stop; returns once everything is synced.
 pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
@@ -94,21 +96,52 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
         "ready"
     );
 
-    wait_for_signal().await?;
-    tracing::info!("shutting down: no new requests; finishing in-flight ones");
+    // A node whose disk failed stops, as Cassandra's `disk_failure_policy:
+    // stop` and PostgreSQL's panic on a failed fsync do: it can no longer make
+    // a write durable (fjall refuses every write once poisoned), and its reads
+    // would serve writes it never stored.
+    let failure = tokio::select! {
+        biased;
+        signal = wait_for_signal() => {
+            signal?;
+            None
+        }
+        error = node.storage_failed() => Some(error),
+    };
+    match &failure {
+        None => tracing::info!("shutting down: no new requests; finishing in-flight ones"),
+        Some(error) => tracing::error!(
+            %error,
+            "storage failed; stopping the node: no new requests; finishing in-flight ones"
+        ),
+    }
     let _ = stop_http_tx.send(());
     let _ = stop_resp_tx.send(());
-    node.shutdown().await?;
-    if let Some(task) = http_task {
-        let _ = task.await;
-    }
-    if let Some(task) = resp_task {
-        // Replies to commands already read are written; a client that stopped
-        // reading does not hold the shutdown up for long.
-        if tokio::time::timeout(RESP_DRAIN, task).await.is_err() {
-            tracing::warn!("RESP connections still writing after {RESP_DRAIN:?}; closing them");
+    let stopped = node.shutdown().await;
+    // Replies to requests already read are written; a client that stalled
+    // mid-request or stopped reading does not hold the shutdown up for long.
+    for (task, what) in [(http_task, "HTTP"), (resp_task, "RESP")] {
+        if let Some(task) = task {
+            if tokio::time::timeout(FRONT_END_DRAIN, task).await.is_err() {
+                tracing::warn!(
+                    "{what} connections still open after {FRONT_END_DRAIN:?}; closing them"
+                );
+            }
         }
     }
+    if let Some(error) = failure {
+        // The final sync fails too, as a rule; the first failure is the news.
+        if let Err(e) = &stopped {
+            tracing::warn!(error = %format!("{e:#}"), "while stopping after the storage failure");
+        }
+        anyhow::bail!(
+            "stopped because storage failed: {error}. Nothing written since the last \
+             good sync is trusted; fix the disk (space, permissions, hardware) and \
+             restart the node: it recovers from its journal, and its replicas hold \
+             what it acknowledged"
+        );
+    }
+    stopped?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -798,3 +798,90 @@ enum Step {
     Sync,
     Crash,
 }
+
+#[tokio::test]
+async fn the_first_failed_write_or_sync_is_published_for_the_server_to_stop_on() {
+    // Under `Always` a failed batch is the news; under `Interval` the periodic
+    // sync of writes already acknowledged.
+    for (policy, fail_writes, fail_syncs, what) in [
+        (SyncPolicy::Always, true, false, "disk full"),
+        (SyncPolicy::Interval { ms: 5 }, false, true, "EIO"),
+    ] {
+        let storage = Arc::new(Instrumented {
+            fail_writes,
+            fail_syncs,
+            ..Instrumented::default()
+        });
+        let (worker, mut rx) = spawn_storage_worker(storage.clone(), policy);
+        // Nothing has failed yet: it waits.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), worker.failed());
+        assert!(
+            early.await.is_err(),
+            "{policy:?}: a failure before any write"
+        );
+        for id in 0..3 {
+            worker.submit(request(id));
+        }
+        collect(&mut rx, 3).await;
+        let error = tokio::time::timeout(std::time::Duration::from_secs(5), worker.failed())
+            .await
+            .unwrap_or_else(|_| panic!("{policy:?}: no failure published"));
+        assert!(error.contains(what), "{policy:?}: {error}");
+        // Later callers learn of the same first failure at once.
+        assert_eq!(worker.failed().await, error);
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_storage_fails_reports_it_to_the_server() {
+    use dynamo_node::config::{ServerArgs, ServerConfig};
+    use dynamo_node::runtime::{self, Clock, Environment};
+    use dynamo_proto::{ClientReply, ClientRequest, WriteMode};
+
+    let args = ServerArgs {
+        node_id: Some("a".into()),
+        peer_addr: Some("127.0.0.1:0".into()),
+        client_addr: Some("127.0.0.1:0".into()),
+        http_addr: Some("off".into()),
+        data_dir: Some("/nonexistent/unused".into()),
+        n: Some(1),
+        r: Some(1),
+        w: Some(1),
+        sync: Some("always".into()),
+        ..Default::default()
+    };
+    let config = ServerConfig::resolve(&args).unwrap();
+    let storage = Arc::new(MemoryStorage::new());
+    let node = runtime::start(
+        &config,
+        Environment {
+            storage: storage.clone(),
+            clock: Clock::system(),
+            rng: ChaCha8Rng::seed_from_u64(1),
+            http_addr: None,
+            trace: None,
+        },
+    )
+    .await
+    .unwrap();
+    let put = |value: &str| ClientRequest::Put {
+        key: b"k".to_vec(),
+        value: Some(value.as_bytes().to_vec()),
+        context: None,
+        w: None,
+        mode: WriteMode::Overwrite,
+    };
+    let reply = node.handle.request(put("ok")).await;
+    assert!(matches!(reply, ClientReply::Put { .. }), "{reply:?}");
+
+    storage.set_failing(true);
+    let reply = node.handle.request(put("lost")).await;
+    assert!(
+        matches!(reply, ClientReply::Error(_)),
+        "acknowledged: {reply:?}"
+    );
+    let error = tokio::time::timeout(std::time::Duration::from_secs(5), node.storage_failed())
+        .await
+        .expect("the failure was not reported");
+    assert!(error.contains("injected fault"), "{error}");
+}

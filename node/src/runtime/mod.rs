@@ -202,6 +202,13 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
 }
 
 impl RunningNode {
+    /// Waits for the node's storage to fail a write or a sync, and returns the
+    /// error. The node cannot keep its promises after that (see
+    /// [`StorageWorker::failed`]); the server stops it.
+    pub async fn storage_failed(&self) -> String {
+        self.storage.failed().await
+    }
+
     /// Graceful stop: stop accepting, let in-flight requests finish (or time
     /// out), then apply and sync every queued write.
     pub async fn shutdown(self) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Storage, StorageError, SyncPolicy, WriteOp};
 use crate::metrics::StorageMetrics;
@@ -57,6 +57,7 @@ pub struct StorageWorker {
     /// Reports requests submitted after the worker stopped as failed.
     persisted: mpsc::UnboundedSender<Persisted>,
     metrics: Arc<StorageMetrics>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 /// Starts the worker as a tokio task. Outcomes arrive on the returned receiver in
@@ -68,6 +69,7 @@ pub fn spawn_storage_worker(
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (persisted, persisted_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(StorageMetrics::default());
+    let (failure_tx, failure) = watch::channel(None);
     let worker = Worker {
         storage,
         policy,
@@ -75,6 +77,7 @@ pub fn spawn_storage_worker(
         persisted: persisted.clone(),
         dirty: false,
         metrics: metrics.clone(),
+        failure: failure_tx,
     };
     run_worker(worker);
     (
@@ -82,6 +85,7 @@ pub fn spawn_storage_worker(
             commands,
             persisted,
             metrics,
+            failure,
         },
         persisted_rx,
     )
@@ -155,6 +159,26 @@ impl StorageWorker {
         self.metrics.clone()
     }
 
+    /// Waits for the engine's first failed write or sync and returns its error.
+    /// Never returns while the engine works. After a failure the worker carries
+    /// on (each later batch fails or succeeds on its own), but nothing the
+    /// engine acknowledged since its last good sync can be trusted any more: a
+    /// failed fsync may have dropped dirty pages that a later, successful one
+    /// does not bring back, and fjall refuses every write once poisoned. The
+    /// server stops the node on it.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        let first = match failure.wait_for(Option::is_some).await {
+            Ok(error) => error.clone(),
+            // The worker is gone without a failure: there is none to report.
+            Err(_) => None,
+        };
+        match first {
+            Some(error) => error,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Applies and syncs every write submitted before this call, whatever the
     /// policy. Their outcomes are on the `Persisted` channel when this returns.
     pub async fn flush(&self) -> Result<(), StorageError> {
@@ -184,6 +208,8 @@ struct Worker {
     /// Writes were applied since the last successful sync.
     dirty: bool,
     metrics: Arc<StorageMetrics>,
+    /// The first failure, for [`StorageWorker::failed`].
+    failure: watch::Sender<Option<String>>,
 }
 
 /// What one turn of the worker drained from its queue.
@@ -308,8 +334,8 @@ impl Worker {
             self.dirty = false;
         }
         if let Err(e) = &result {
-            self.metrics.failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, requests = ids.len(), "storage batch failed");
+            self.failed(e);
         }
         if !ids.is_empty() {
             // The receiver may be gone (the node is stopping); nothing waits then.
@@ -356,14 +382,25 @@ impl Worker {
         }
         match apply(&self.storage, Vec::new(), true, &self.metrics).await {
             Ok(()) => self.dirty = false,
-            // The writes were acknowledged already (that is what `Interval` trades);
-            // fjall poisons itself on a failed fsync, so later writes fail and are
-            // reported.
+            // The writes were acknowledged already (that is what `Interval`
+            // trades); the failure stops the node.
             Err(e) => {
-                self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "periodic storage sync failed");
+                self.failed(&e);
             }
         }
+    }
+
+    /// Counts a failed write or sync and publishes the first one.
+    fn failed(&self, e: &StorageError) {
+        self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+        self.failure.send_if_modified(|first| {
+            let new = first.is_none();
+            if new {
+                *first = Some(e.to_string());
+            }
+            new
+        });
     }
 }
 

@@ -711,6 +711,10 @@ impl Node {
                 };
                 return self.answer(origin, ClientReply::Error(e));
             }
+            Err(e) => {
+                let e = ClientError::Invalid(e.to_string());
+                return self.answer(origin, ClientReply::Error(e));
+            }
         };
         let req = self.next_request();
         for p in &primaries {

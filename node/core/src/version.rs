@@ -78,6 +78,48 @@ pub enum VersionError {
          the read's context"
     )]
     TooManySiblings { count: usize, limit: usize },
+
+    /// The request's context names a version of the coordinator's own actor
+    /// that it never minted (only it mints them, on top of its local set, which
+    /// holds every one): the context was altered or is from elsewhere.
+    #[error(
+        "the context names version {claimed} of this node's current actor {actor}, which has \
+         written only {minted} versions of this key: pass the context exactly as a read returned it"
+    )]
+    UnknownVersion {
+        actor: Actor,
+        claimed: u64,
+        minted: u64,
+    },
+
+    /// The coordinator's actor has no counter left for this key (a context from
+    /// an altered token can claim one near `u64::MAX`); a restart of the node
+    /// gives it a new actor.
+    #[error(
+        "the key's version counter of this node's actor {actor} is exhausted; write through \
+         another node, or restart this one (it then writes as a new actor)"
+    )]
+    CounterExhausted { actor: Actor },
+
+    /// The write would grow the key's causal context past the limit.
+    #[error(
+        "the key's context would name {entries} versions, more than the limit of {limit}: pass \
+         the context exactly as a read of this key returned it"
+    )]
+    ContextTooLarge { entries: usize, limit: usize },
+}
+
+/// The most entries (version-vector actors plus exceptional dots) a write may
+/// grow a key's context to. A real context names a few actors per node that
+/// ever coordinated a write of the key (a node takes a new actor each start);
+/// the bound keeps a stored set, and every reply and replication carrying it,
+/// far inside a frame (about 14 bytes an entry, against the frame's 1 MiB of
+/// room beyond the values) whatever contexts clients send.
+pub const MAX_CONTEXT_ENTRIES: usize = 10_000;
+
+/// Entries in a context: its version-vector actors and its exceptional dots.
+pub fn context_entries(ctx: &Context) -> usize {
+    ctx.vv.len() + ctx.dots.len()
 }
 
 /// What a coordinator's [`write`] produced.
@@ -307,8 +349,18 @@ pub fn write(
             request
         }
     };
-    let counter =
-        1 + max_counter(&local.context, &actor).max(max_counter(&request_context, &actor));
+    let minted = max_counter(&local.context, &actor);
+    let claimed = max_counter(&request_context, &actor);
+    if claimed > minted {
+        return Err(VersionError::UnknownVersion {
+            actor,
+            claimed,
+            minted,
+        });
+    }
+    let counter = minted
+        .checked_add(1)
+        .ok_or(VersionError::CounterExhausted { actor })?;
     let dot = Dot { actor, counter };
     let new_sibling = Sibling { value, timestamp };
 
@@ -344,6 +396,16 @@ pub fn write(
 
     context_merge(&mut set.context, &request_context);
     context_insert(&mut set.context, dot);
+    // Only a context that grows is refused: a key whose context passed the
+    // limit (merged from several coordinators' writes) stays writable with
+    // the context a read of it returns.
+    let entries = context_entries(&set.context);
+    if entries > MAX_CONTEXT_ENTRIES && entries > own_growth(&local.context, dot) {
+        return Err(VersionError::ContextTooLarge {
+            entries,
+            limit: MAX_CONTEXT_ENTRIES,
+        });
+    }
     let mut reply_context = request_context;
     context_insert(&mut reply_context, dot);
     Ok(WriteOutcome {
@@ -351,6 +413,14 @@ pub fn write(
         dot,
         reply_context,
     })
+}
+
+/// Entries in `ctx` once it also covers `dot`: what a write grows a context to
+/// when its request context adds nothing.
+fn own_growth(ctx: &Context, dot: Dot) -> usize {
+    let mut ctx = ctx.clone();
+    context_insert(&mut ctx, dot);
+    context_entries(&ctx)
 }
 
 /// The deterministic winner among the siblings: the greatest by

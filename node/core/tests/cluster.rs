@@ -681,3 +681,27 @@ fn a_reply_to_a_request_from_before_a_restart_is_not_taken_for_a_new_one() {
         );
     }
 }
+
+#[test]
+fn an_altered_context_gets_a_clear_error_and_the_key_stays_writable() {
+    // A client re-encodes the context a put returned with its coordinator's
+    // counter at u64::MAX: minting the next dot would overflow (a panic in a
+    // debug build; a wrapped counter, a dot the context already covers, in
+    // release). It is refused instead, and nothing is stored.
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let (dot, mut context) = expect_put(c.put("n1", b"k", b"v1", None));
+    context.vv.insert(dot.actor, u64::MAX);
+    context.dots.clear();
+    let reply = c.put("n1", b"k", b"v2", Some(context));
+    match &reply {
+        ClientReply::Error(ClientError::Invalid(e)) => {
+            assert!(e.contains("never minted") || e.contains("written only 1"), "{e}")
+        }
+        other => panic!("an altered context was accepted: {other:?}"),
+    }
+    assert_eq!(values(&expect_get(c.get("n2", b"k", None))), ["v1"]);
+    // The context a read returns still works.
+    let context = expect_get(c.get("n1", b"k", None)).context;
+    expect_put(c.put("n1", b"k", b"v3", Some(context)));
+    assert_eq!(values(&expect_get(c.get("n3", b"k", None))), ["v3"]);
+}

@@ -601,3 +601,102 @@ proptest! {
         history.check_final(&[]);
     }
 }
+
+/// A context as an altered token may carry: `actor` at `counter`.
+fn claiming(actor: Actor, counter: u64) -> Context {
+    let mut ctx = Context::default();
+    ctx.vv.insert(actor, counter);
+    ctx
+}
+
+fn put(local: &DvvSet, context: Option<&Context>, actor: Actor) -> Result<DvvSet, String> {
+    write(
+        local,
+        context,
+        WriteMode::Context,
+        Some(b"v".to_vec()),
+        actor,
+        Hlc::default(),
+        Versioning::Dvv,
+        64,
+    )
+    .map(|outcome| outcome.set)
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_context_naming_versions_the_coordinator_never_minted_is_refused() {
+    let me = Actor {
+        incarnation: 1,
+        epoch: 1,
+    };
+    let local = put(&DvvSet::default(), None, me).unwrap();
+    // The counter an altered token claims would have overflowed the next dot.
+    for claimed in [2, u64::MAX] {
+        let e = put(&local, Some(&claiming(me, claimed)), me).unwrap_err();
+        assert!(e.contains(&format!("version {claimed}")), "{e}");
+        assert!(e.contains("written only 1"), "{e}");
+    }
+    // What a read returned is fine.
+    let next = put(&local, Some(&local.context), me).unwrap();
+    assert_eq!(next.siblings.len(), 1);
+}
+
+#[test]
+fn an_exhausted_counter_is_an_error_not_an_overflow() {
+    // Another actor's claim arrives through replication, where nothing can
+    // check it; when that actor coordinates a write, it has no counter left.
+    let (me, other) = (
+        Actor {
+            incarnation: 1,
+            epoch: 1,
+        },
+        Actor {
+            incarnation: 2,
+            epoch: 1,
+        },
+    );
+    let poisoned = put(&DvvSet::default(), Some(&claiming(other, u64::MAX)), me).unwrap();
+    let e = put(&poisoned, Some(&poisoned.context), other).unwrap_err();
+    assert!(e.contains("exhausted"), "{e}");
+    // The key stays writable through the other actor.
+    put(&poisoned, Some(&poisoned.context), me).unwrap();
+}
+
+#[test]
+fn a_write_may_not_grow_a_context_past_the_limit() {
+    use dynamo_core::version::{context_entries, MAX_CONTEXT_ENTRIES};
+    let me = Actor {
+        incarnation: 1,
+        epoch: 1,
+    };
+    let fake = |from: u64, count: usize| {
+        let mut ctx = Context::default();
+        for i in 0..count as u64 {
+            let actor = Actor {
+                incarnation: from + i,
+                epoch: 1,
+            };
+            ctx.vv.insert(actor, 1);
+        }
+        ctx
+    };
+    // Just under the limit is accepted (with the new dot, exactly at it).
+    let full = put(
+        &DvvSet::default(),
+        Some(&fake(100, MAX_CONTEXT_ENTRIES - 1)),
+        me,
+    )
+    .unwrap();
+    assert_eq!(context_entries(&full.context), MAX_CONTEXT_ENTRIES);
+    // One more actor is refused, a million is too.
+    for count in [1, 1_000_000] {
+        let e = put(&full, Some(&fake(10_000_000, count)), me)
+            .err()
+            .expect("a context past the limit was accepted");
+        assert!(e.contains("limit of 10000"), "{e}");
+    }
+    // Writes with the key's own context still go through.
+    let next = put(&full, Some(&full.context), me).unwrap();
+    assert_eq!(context_entries(&next.context), MAX_CONTEXT_ENTRIES);
+}

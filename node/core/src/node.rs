@@ -675,6 +675,21 @@ impl Node {
                 return self.answer(origin, ClientReply::Error(e));
             }
         }
+        // Checked before anything walks it (or a forward carries it on).
+        if let Some(entries) = context
+            .as_ref()
+            .map(version::context_entries)
+            .filter(|&n| n > version::MAX_CONTEXT_ENTRIES)
+        {
+            let e = version::VersionError::ContextTooLarge {
+                entries,
+                limit: version::MAX_CONTEXT_ENTRIES,
+            };
+            return self.answer(
+                origin,
+                ClientReply::Error(ClientError::Invalid(e.to_string())),
+            );
+        }
         let needed = match quorum::resolve("W", w, self.w, self.n) {
             Ok(v) => v,
             Err(e) => return self.answer(origin, ClientReply::Error(ClientError::Invalid(e))),

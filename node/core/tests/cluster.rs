@@ -705,3 +705,29 @@ fn an_altered_context_gets_a_clear_error_and_the_key_stays_writable() {
     expect_put(c.put("n1", b"k", b"v3", Some(context)));
     assert_eq!(values(&expect_get(c.get("n3", b"k", None))), ["v3"]);
 }
+
+#[test]
+fn a_context_past_the_entry_limit_is_refused_before_it_is_walked() {
+    use dynamo_core::version::MAX_CONTEXT_ENTRIES;
+    use dynamo_proto::{Actor, Context};
+    // N = 3 of 4 nodes: one of them is not a primary of the key.
+    let mut c = Cluster::new(4, 3, 2, 2);
+    let mut context = Context::default();
+    for i in 0..=MAX_CONTEXT_ENTRIES as u64 {
+        let actor = Actor {
+            incarnation: 1_000 + i,
+            epoch: 1,
+        };
+        context.vv.insert(actor, 1);
+    }
+    // At any node, primary or not (a forward would carry it on).
+    for n in ["n1", "n2", "n3", "n4"] {
+        match c.put(n, b"k", b"v", Some(context.clone())) {
+            ClientReply::Error(ClientError::Invalid(e)) => {
+                assert!(e.contains("limit of 10000"), "{e}")
+            }
+            other => panic!("{n} accepted a context of 10,001 entries: {other:?}"),
+        }
+    }
+    assert!(values(&expect_get(c.get("n1", b"k", None))).is_empty());
+}

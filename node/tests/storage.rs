@@ -832,6 +832,8 @@ async fn the_first_failed_write_or_sync_is_published_for_the_server_to_stop_on()
     }
 }
 
+/// The system clock and real sockets: not under madsim.
+#[cfg(not(madsim))]
 #[tokio::test]
 async fn a_node_whose_storage_fails_reports_it_to_the_server() {
     use dynamo_node::config::{ServerArgs, ServerConfig};

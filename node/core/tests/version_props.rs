@@ -691,9 +691,9 @@ fn a_write_may_not_grow_a_context_past_the_limit() {
     assert_eq!(context_entries(&full.context), MAX_CONTEXT_ENTRIES);
     // One more actor is refused, a million is too.
     for count in [1, 1_000_000] {
-        let e = put(&full, Some(&fake(10_000_000, count)), me)
-            .err()
-            .expect("a context past the limit was accepted");
+        let Err(e) = put(&full, Some(&fake(10_000_000, count)), me) else {
+            panic!("a context of {count} more actors past the limit was accepted");
+        };
         assert!(e.contains("limit of 10000"), "{e}");
     }
     // Writes with the key's own context still go through.

@@ -236,6 +236,12 @@ pub struct PeerMetrics {
     pub connects: AtomicU64,
     /// Outbound connections lost or attempts that failed.
     pub connect_failures: AtomicU64,
+    /// Messages for peers never written: the peer was unreachable, its queue
+    /// was full, or the connection failed with them in a write.
+    pub messages_dropped: AtomicU64,
+    /// Estimated bytes of messages waiting for peers: queued, or in a batch
+    /// being written.
+    pub queued_bytes: AtomicU64,
 }
 
 /// Everything one node counts.
@@ -321,7 +327,7 @@ impl Metrics {
         let s = &self.storage;
         let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 20] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 22] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -417,6 +423,18 @@ impl Metrics {
                 "counter",
                 "Outbound peer connections that failed or were lost.",
                 &p.connect_failures,
+            ),
+            (
+                "dynamo_peer_messages_dropped_total",
+                "counter",
+                "Messages for peers dropped unwritten: the peer was unreachable, its queue full, or its connection failed.",
+                &p.messages_dropped,
+            ),
+            (
+                "dynamo_peer_queued_bytes",
+                "gauge",
+                "Estimated bytes of messages waiting for peers, queued or being written.",
+                &p.queued_bytes,
             ),
             (
                 "dynamo_peers_reachable",

@@ -468,6 +468,15 @@ fn sigterm_exits_zero_and_keeps_acknowledged_writes() {
         );
     }
 
+    // A client stalled halfway through a request body, never to send the
+    // rest, does not hold the stop up (it did, for as long as it kept the
+    // connection open).
+    let mut stalled = std::net::TcpStream::connect(c.http_addr(1)).unwrap();
+    stalled
+        .write_all(b"PUT /kv/stalled HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
     let start = Instant::now();
     c.sigterm(1);
     let status = c.wait_exit(1, SHUTDOWN_DEADLINE);
@@ -483,6 +492,7 @@ fn sigterm_exits_zero_and_keeps_acknowledged_writes() {
         c.log_tail(1, 30)
     );
     eprintln!("n2 stopped {took:?} after SIGTERM");
+    drop(stalled);
 
     // The survivors keep serving while n2 is down.
     put_ok(c, 0, "/kv/while-down", None, b"x");
@@ -727,4 +737,166 @@ fn data_dir_of_another_cluster_refuses_to_start() {
         c.local_values(0, "mine"),
         Some(vec![b"alpha data".to_vec()])
     );
+}
+
+// ---------------------------------------------------------------------------
+// A stuck peer
+
+/// Plays `hello.node` on `listener`: greets the first connection, answers its
+/// pings, and returns it unread once the first `Replicate` arrives, for the
+/// caller to hold open as a peer that got stuck. `greeted` hears when the
+/// greeting went out.
+fn fake_peer_until_first_replicate(
+    listener: &std::net::TcpListener,
+    hello: Hello,
+    greeted: std::sync::mpsc::Sender<()>,
+) -> TcpStream {
+    let codec = FrameCodec::default();
+    let (mut s, _) = listener.accept().unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        while let Some((msg, used)) = codec.decode::<PeerMessage>(&buf).unwrap() {
+            buf.drain(..used);
+            let answer = match msg {
+                PeerMessage::Hello(_) => {
+                    let _ = greeted.send(());
+                    PeerMessage::Hello(hello.clone())
+                }
+                PeerMessage::Ping { seq } => PeerMessage::Pong { seq },
+                PeerMessage::Replicate { .. } => return s,
+                _ => continue,
+            };
+            s.write_all(&codec.encode(&answer).unwrap()).unwrap();
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the node closed its connection to the fake peer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `WRITERS` threads each put `PUTS_PER_WRITER` values of `value` to keys named
+/// after `prefix` on node `i`, and wait for every answer.
+fn put_many(c: &Cluster, i: usize, prefix: &str, value: &[u8]) {
+    const WRITERS: usize = 4;
+    const PUTS_PER_WRITER: usize = 80;
+    std::thread::scope(|s| {
+        for t in 0..WRITERS {
+            s.spawn(move || {
+                for k in 0..PUTS_PER_WRITER {
+                    put_ok(c, i, &format!("/kv/{prefix}-{t}-{k}"), None, value);
+                }
+            });
+        }
+    });
+}
+
+/// A peer that completed the greeting and then stops reading (stuck, or cut
+/// off by a partition) fills the node's socket buffers, so the node's next
+/// write blocks. The node must still notice within a few seconds: replace the
+/// connection, report the peer unreachable, and drop what it cannot send
+/// instead of queueing it without bound. It used to show the peer `up` for
+/// as long as the write stayed blocked (until TCP gave up, ~15 minutes) while
+/// every write's replica piled up in memory.
+///
+/// The queue is watched through `dynamo_peer_queued_bytes`, not the process's
+/// RSS: the storage engine's own memory after the same writes varies by
+/// hundreds of MiB from run to run.
+#[test]
+fn a_peer_that_stops_reading_is_reported_unreachable_and_its_queue_stays_bounded() {
+    // What may wait for one peer (MAX_QUEUED_BYTES in peers.rs), plus the one
+    // message allowed past it and slack for the estimate.
+    const QUEUE_BOUND_BYTES: f64 = (64 << 20) as f64 + 2_000_000.0;
+    let value = vec![b'x'; 1_000_000];
+    let mut c = Cluster::start(2, &["--n", "2", "--r", "1", "--w", "1"]);
+    c.wait_connected();
+    // n2 hands its peer port to a fake n2 that this test controls.
+    let fake_addr = c.peer_addr(1);
+    let hello = Hello {
+        cluster_id: ClusterId("dynamo".into()),
+        node: NodeId::new("n2"),
+        q: 256,
+        n: 2,
+        client_addr: c.client_addr(1).to_string(),
+        http_addr: c.http_addr(1).to_string(),
+    };
+    c.kill9(1);
+    let listener = wait_until("the fake n2 to bind n2's port", CONDITION_DEADLINE, || {
+        std::net::TcpListener::bind(fake_addr).ok()
+    });
+    let (greeted_tx, greeted_rx) = std::sync::mpsc::channel();
+    let fake = std::thread::spawn(move || {
+        let stuck = fake_peer_until_first_replicate(&listener, hello, greeted_tx);
+        // Never accepted again: later connections wait in the backlog
+        // unanswered, as a stuck process's would.
+        (listener, stuck)
+    });
+    greeted_rx
+        .recv_timeout(CONDITION_DEADLINE)
+        .expect("n1 to connect to the fake n2");
+    let n2_status = |c: &Cluster| -> String {
+        let body = c.get(0, "/cluster").json();
+        let members = body["members"].as_array().expect("members").clone();
+        let n2 = members.iter().find(|m| m["id"] == "n2").expect("n2");
+        n2["status"].as_str().unwrap_or_default().to_string()
+    };
+    wait_until("n1 to see the fake n2 up", CONDITION_DEADLINE, || {
+        (n2_status(&c) == "up").then_some(())
+    });
+    put_ok(&c, 0, "/kv/first", None, &value);
+    // From here on the fake n2 reads nothing.
+    let _stuck = fake.join().unwrap();
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let most_queued = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut most = 0.0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(resp) = c.try_http(0, "GET", "/metrics", &[], b"") {
+                    let queued = resp
+                        .text()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("dynamo_peer_queued_bytes ")?.parse().ok());
+                    most = most.max(queued.unwrap_or(0.0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        put_many(&c, 0, "stuck", &value);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    let put_time = started.elapsed();
+    let noticed = wait_until(
+        "n1 to report the stuck n2 unreachable",
+        Duration::from_secs(10),
+        || (n2_status(&c) == "unreachable").then(|| started.elapsed()),
+    );
+    eprintln!(
+        "puts took {put_time:?}; n2 unreachable by {noticed:?}; at most {most_queued} bytes queued"
+    );
+    let page = c.get(0, "/metrics").text();
+    assert!(
+        most_queued > 0.0 && most_queued <= QUEUE_BOUND_BYTES,
+        "at most {most_queued} bytes were queued for n2\n{page}"
+    );
+    assert!(
+        sample(&page, "dynamo_peer_messages_dropped_total") > 0.0,
+        "{page}"
+    );
+    assert!(
+        c.log(0).contains("the connection looks stuck"),
+        "{}",
+        c.log_tail(0, 20)
+    );
+    // What waited for n2 is dropped once the attempt to reach it again fails.
+    wait_until("n1's queue for n2 to empty", CONDITION_DEADLINE, || {
+        let page = c.get(0, "/metrics").text();
+        (sample(&page, "dynamo_peer_queued_bytes") == 0.0).then_some(())
+    });
+    // n1 itself is fine.
+    put_ok(&c, 0, "/kv/after", None, b"v");
+    assert_eq!(c.get(0, "/health").status, 200);
 }

@@ -45,6 +45,27 @@ pub struct DvvSet {
     pub siblings: BTreeMap<Dot, Sibling>,
 }
 
+impl Context {
+    /// About the memory it takes: a map or set slot per entry. An estimate for
+    /// budgets (caches, queues), not an encoded size.
+    pub fn estimated_bytes(&self) -> usize {
+        32 * (self.vv.len() + self.dots.len())
+    }
+}
+
+impl DvvSet {
+    /// About the memory it takes: each sibling's value and slot, and its
+    /// context. An estimate for budgets (caches, queues), not an encoded size.
+    pub fn estimated_bytes(&self) -> usize {
+        let siblings: usize = self
+            .siblings
+            .values()
+            .map(|s| s.value.as_ref().map_or(0, Vec::len) + 64)
+            .sum();
+        siblings + self.context.estimated_bytes()
+    }
+}
+
 pub(crate) mod serde_bytes_opt {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 

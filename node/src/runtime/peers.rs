@@ -9,6 +9,11 @@
 //! repair and, later, hinted handoff make up for them). Messages sent while a
 //! connection attempt is under way wait for it, and go out if it succeeds.
 //!
+//! A connected peer that stops taking bytes (stuck, or behind a partition)
+//! counts as unreachable within [`STALL_TIMEOUT`], even while a write to it is
+//! blocked, and what waits for one peer is bounded ([`MAX_QUEUED_BYTES`]): the
+//! core never waits for a peer, and a peer never holds the node's memory.
+//!
 //! Only `tokio::net`, `tokio::time` and `tokio::spawn` are used, so the simulator
 //! runs this very code.
 
@@ -17,14 +22,16 @@ use crate::gather::gather;
 use crate::metrics::Metrics;
 use crate::read_buf::ReadBuf;
 use dynamo_core::HelloCheck;
+use dynamo_proto::{ClientReply, ClientRequest, Context, DvvSet};
 use dynamo_proto::{FrameCodec, FrameError, Hello, NodeId, PeerMessage};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,25 +41,146 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const MAX_BATCH: usize = 256;
 /// How often an outbound connection proves it still moves traffic.
 const HEARTBEAT: Duration = Duration::from_millis(250);
-/// How long an outbound connection may go without any answer before it is
-/// declared stuck and replaced.
+/// How long an outbound connection may go without any sign of life (see
+/// [`StallCheck`]) before it is declared stuck and replaced.
 const STALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// What may wait for one peer, queued or in the batch being written, in
+/// [`estimated_bytes`], before further messages to it are dropped. A
+/// connection that moves traffic drains its queue far faster than the core
+/// fills it; this bounds what piles up behind one that does not, until the
+/// stall check replaces it and the backoff drops the rest.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// The senders for every peer's outbound connection task.
 #[derive(Clone, Default)]
 pub(crate) struct PeerSenders {
-    senders: BTreeMap<NodeId, mpsc::UnboundedSender<PeerMessage>>,
+    senders: BTreeMap<NodeId, PeerQueue>,
+}
+
+/// The sending end of one peer's queue, and how much that queue holds.
+#[derive(Clone)]
+struct PeerQueue {
+    tx: mpsc::UnboundedSender<Queued>,
+    held: Arc<QueueBytes>,
+}
+
+/// What one peer's queue holds, in [`estimated_bytes`]; every peer's together
+/// are `dynamo_peer_queued_bytes`.
+struct QueueBytes {
+    bytes: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl QueueBytes {
+    fn add(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let all = &self.metrics.peers.queued_bytes;
+        all.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn remove(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let all = &self.metrics.peers.queued_bytes;
+        all.fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 impl PeerSenders {
+    /// Queues `msg` for `to`'s connection, or drops it (and counts it) when
+    /// that queue already holds [`MAX_QUEUED_BYTES`]. Never waits: the core
+    /// task calls it.
     pub fn send(&self, to: &NodeId, msg: PeerMessage) {
-        match self.senders.get(to) {
-            Some(tx) => {
-                let _ = tx.send(msg);
-            }
-            None => tracing::warn!(peer = %to, "no connection to a peer the core named"),
+        let Some(queue) = self.senders.get(to) else {
+            tracing::warn!(peer = %to, "no connection to a peer the core named");
+            return;
+        };
+        // Checked before this message is added, so one message larger than
+        // the bound still goes into an empty queue.
+        if queue.held.bytes.load(Ordering::Relaxed) >= MAX_QUEUED_BYTES {
+            let dropped = &queue.held.metrics.peers.messages_dropped;
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        let bytes = estimated_bytes(&msg);
+        queue.held.add(bytes);
+        let charge = Some(Charge {
+            bytes,
+            held: queue.held.clone(),
+        });
+        // Fails only once the connection task is gone (shutdown); the charge
+        // goes back with the message.
+        let _ = queue.tx.send(Queued { msg, charge });
     }
+}
+
+/// A message on its way to a peer. Its size counts toward its queue's bytes
+/// until it is written or thrown away.
+struct Queued {
+    msg: PeerMessage,
+    /// `None` for what the connection task makes itself (pings).
+    charge: Option<Charge>,
+}
+
+/// A queued message's share of its queue's bytes, given back on drop.
+struct Charge {
+    bytes: usize,
+    held: Arc<QueueBytes>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.remove(self.bytes);
+    }
+}
+
+/// What a message weighs in its queue: the keys and values it carries plus a
+/// fixed allowance. An estimate, cheap enough for the core task; it only has
+/// to keep a stalled peer's queue within a small factor of the bound.
+fn estimated_bytes(msg: &PeerMessage) -> usize {
+    const FIXED: usize = 64;
+    FIXED
+        + match msg {
+            PeerMessage::Replicate { reqs, key, set } => {
+                8 * reqs.len() + key.len() + set.estimated_bytes()
+            }
+            PeerMessage::Repair { key, set } => key.len() + set.estimated_bytes(),
+            PeerMessage::ReplicateAck { reqs, error } => {
+                8 * reqs.len() + error.as_ref().map_or(0, String::len)
+            }
+            PeerMessage::Read { key, .. } => key.len(),
+            PeerMessage::ReadReply { set, .. } => set.as_ref().map_or(0, DvvSet::estimated_bytes),
+            PeerMessage::Forward { request, .. } => match request {
+                ClientRequest::Put {
+                    key,
+                    value,
+                    context,
+                    ..
+                } => {
+                    key.len()
+                        + value.as_ref().map_or(0, Vec::len)
+                        + context.as_ref().map_or(0, Context::estimated_bytes)
+                }
+                ClientRequest::Get { key, .. } | ClientRequest::LocalGet { key } => key.len(),
+                ClientRequest::ClusterInfo | ClientRequest::Ping => 0,
+            },
+            PeerMessage::ForwardReply { reply, .. } => match reply {
+                ClientReply::Get(get) => {
+                    let values: usize = get
+                        .siblings
+                        .iter()
+                        .map(|(_, s)| FIXED + s.value.as_ref().map_or(0, Vec::len))
+                        .sum();
+                    values + get.context.estimated_bytes()
+                }
+                ClientReply::Put { context, .. } => context.estimated_bytes(),
+                ClientReply::LocalGet(set) => set.as_ref().map_or(0, DvvSet::estimated_bytes),
+                ClientReply::ClusterInfo(_) | ClientReply::Pong { .. } | ClientReply::Error(_) => 0,
+            },
+            PeerMessage::Hello(_)
+            | PeerMessage::HelloRejected { .. }
+            | PeerMessage::Ping { .. }
+            | PeerMessage::Pong { .. } => 0,
+        }
 }
 
 /// What the connection tasks share.
@@ -71,7 +199,12 @@ pub(crate) fn spawn_outbound(ctx: &PeerContext, peers: &[(NodeId, String)]) -> P
     let mut senders = BTreeMap::new();
     for (id, addr) in peers {
         let (tx, rx) = mpsc::unbounded_channel();
-        senders.insert(id.clone(), tx);
+        let held = Arc::new(QueueBytes {
+            bytes: AtomicUsize::new(0),
+            metrics: ctx.metrics.clone(),
+        });
+        let queue = PeerQueue { tx, held };
+        senders.insert(id.clone(), queue);
         tokio::spawn(outbound(ctx.clone(), id.clone(), addr.clone(), rx));
     }
     PeerSenders { senders }
@@ -81,7 +214,7 @@ async fn outbound(
     mut ctx: PeerContext,
     peer: NodeId,
     addr: String,
-    mut rx: mpsc::UnboundedReceiver<PeerMessage>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut reported_down = false;
@@ -135,14 +268,20 @@ async fn outbound(
                 http_addr: None,
             });
         }
-        // Drop what piles up while the peer is away, then wait out the backoff.
+        // Drop what piles up while the peer is away (what queued up behind a
+        // stuck connection first), then wait out the backoff.
         let until = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {
                 biased;
                 _ = ctx.shutdown.changed() => return,
                 _ = tokio::time::sleep_until(until) => break,
-                msg = rx.recv() => if msg.is_none() { return },
+                msg = rx.recv() => match msg {
+                    Some(_) => {
+                        ctx.metrics.peers.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => return,
+                },
             }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -157,13 +296,14 @@ enum PumpEnd {
 
 /// Writes queued messages to the peer, and keeps the connection honest: a
 /// `Ping` every [`HEARTBEAT`], answered by a `Pong` on the same connection. A
-/// connection that answers nothing for [`STALL_TIMEOUT`] is stuck (a TCP
-/// connection can sit in retransmission backoff long after a partition heals)
-/// and is replaced by a fresh one.
+/// connection that shows no sign of life for [`STALL_TIMEOUT`] is stuck (a TCP
+/// connection can sit in retransmission backoff long after a partition heals,
+/// and a peer that stopped reading blocks the write in progress until TCP
+/// gives up, many minutes later) and is replaced by a fresh one.
 async fn pump(
     ctx: &mut PeerContext,
     stream: TcpStream,
-    rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
 ) -> PumpEnd {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
@@ -185,11 +325,13 @@ async fn pump(
 async fn pump_loop<W: AsyncWrite + Unpin>(
     ctx: &mut PeerContext,
     writer: &mut W,
-    rx: &mut mpsc::UnboundedReceiver<PeerMessage>,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
     pongs: &mut mpsc::UnboundedReceiver<()>,
 ) -> PumpEnd {
     let mut buf = Vec::with_capacity(64 * 1024);
-    let mut last_sign_of_life = tokio::time::Instant::now();
+    // The charges of the messages in `buf`, given back once it is written.
+    let mut batch_charges = Vec::with_capacity(MAX_BATCH);
+    let mut stall = StallCheck::new();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut seq = 0u64;
     loop {
@@ -198,19 +340,17 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
             _ = ctx.shutdown.changed() => return PumpEnd::Shutdown,
             pong = pongs.recv() => {
                 if pong.is_none() {
-                    return PumpEnd::Failed("the peer closed the connection".into());
+                    return peer_closed();
                 }
-                last_sign_of_life = tokio::time::Instant::now();
+                stall.sign_of_life();
                 continue;
             }
             _ = heartbeat.tick() => {
-                if last_sign_of_life.elapsed() > STALL_TIMEOUT {
-                    return PumpEnd::Failed(format!(
-                        "no answer for {STALL_TIMEOUT:?}; the connection looks stuck"
-                    ));
+                if stall.is_stuck() {
+                    return StallCheck::stuck();
                 }
                 seq += 1;
-                PeerMessage::Ping { seq }
+                Queued { msg: PeerMessage::Ping { seq }, charge: None }
             }
             msg = rx.recv() => match msg {
                 Some(m) => m,
@@ -218,19 +358,116 @@ async fn pump_loop<W: AsyncWrite + Unpin>(
             },
         };
         buf.clear();
-        let count = gather(first, rx, MAX_BATCH, |msg| {
-            if let Err(e) = ctx.codec.encode_into(&msg, &mut buf) {
+        let count = gather(first, rx, MAX_BATCH, |queued| {
+            if let Err(e) = ctx.codec.encode_into(&queued.msg, &mut buf) {
                 tracing::error!(error = %e, "dropping a message that cannot be framed");
             }
+            batch_charges.extend(queued.charge);
         })
         .await;
-        if let Err(e) = write_all_flush(writer, &buf).await {
-            return PumpEnd::Failed(e.to_string());
-        }
         let m = &ctx.metrics.peers;
+        let written = write_watched(writer, &buf, pongs, &mut stall).await;
+        batch_charges.clear();
+        if let Err(end) = written {
+            m.messages_dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
+            return end;
+        }
         m.messages_sent.fetch_add(count as u64, Ordering::Relaxed);
         m.writes.fetch_add(1, Ordering::Relaxed);
         m.bytes_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn peer_closed() -> PumpEnd {
+    PumpEnd::Failed("the peer closed the connection".into())
+}
+
+/// The stall check's one rule, for the heartbeat and for a write that waits
+/// alike: a connection is stuck once [`STALL_TIMEOUT`] has passed since its
+/// last sign of life. Signs of life are frames the peer sends back, and bytes
+/// a write gets into a send buffer it found full: room there means the peer
+/// acknowledged earlier bytes, so a big batch that a slow link keeps draining
+/// is never cut off, however long it takes in all.
+struct StallCheck {
+    last_sign_of_life: Instant,
+}
+
+impl StallCheck {
+    fn new() -> StallCheck {
+        StallCheck {
+            last_sign_of_life: Instant::now(),
+        }
+    }
+
+    fn sign_of_life(&mut self) {
+        self.last_sign_of_life = Instant::now();
+    }
+
+    /// When the connection counts as stuck unless a sign of life comes first.
+    fn deadline(&self) -> Instant {
+        self.last_sign_of_life + STALL_TIMEOUT
+    }
+
+    fn is_stuck(&self) -> bool {
+        Instant::now() > self.deadline()
+    }
+
+    fn stuck() -> PumpEnd {
+        PumpEnd::Failed(format!(
+            "no answer for {STALL_TIMEOUT:?}; the connection looks stuck"
+        ))
+    }
+}
+
+/// Writes and flushes `buf`, taking the peer's answers meanwhile, and gives up
+/// with [`StallCheck::stuck`] once the connection is stuck: a peer that stopped
+/// reading would otherwise block the write until TCP gives up, with the stall
+/// check, the pongs and the queue all waiting behind it.
+async fn write_watched<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buf: &[u8],
+    pongs: &mut mpsc::UnboundedReceiver<()>,
+    stall: &mut StallCheck,
+) -> Result<(), PumpEnd> {
+    let mut written = 0;
+    // Whether the last write call took less than it was offered, so the send
+    // buffer was full when it returned.
+    let mut send_buffer_full = false;
+    loop {
+        let flushing = written == buf.len();
+        let step = async {
+            if flushing {
+                writer.flush().await.map(|()| 0)
+            } else {
+                writer.write(&buf[written..]).await
+            }
+        };
+        // The write comes first: when it is done at once (nearly always) the
+        // timer is never even polled.
+        let result = tokio::select! {
+            biased;
+            result = step => result,
+            pong = pongs.recv() => {
+                if pong.is_none() {
+                    return Err(peer_closed());
+                }
+                stall.sign_of_life();
+                continue;
+            }
+            _ = tokio::time::sleep_until(stall.deadline()) => return Err(StallCheck::stuck()),
+        };
+        let n = match result {
+            Ok(_) if flushing => return Ok(()),
+            Ok(0) => return Err(PumpEnd::Failed("the peer's socket took no bytes".into())),
+            Ok(n) => n,
+            Err(e) => return Err(PumpEnd::Failed(e.to_string())),
+        };
+        if send_buffer_full {
+            stall.sign_of_life();
+        }
+        send_buffer_full = n < buf.len() - written;
+        written += n;
     }
 }
 
@@ -550,5 +787,100 @@ mod tests {
         assert_eq!(got, Some(ack));
         let reachable = events_rx.recv().await.unwrap();
         assert!(matches!(reachable, Event::PeerReachable { up: true, .. }));
+    }
+
+    /// A big batch that a slow reader keeps draining takes longer than
+    /// STALL_TIMEOUT in all, and still goes out whole: only a write that stops
+    /// moving is stuck.
+    #[tokio::test]
+    async fn a_write_that_keeps_moving_is_not_stuck_however_long_it_takes() {
+        const CHUNK: usize = 16 * 1024;
+        let (mut ours, mut theirs) = tokio::io::duplex(CHUNK);
+        let batch = vec![7u8; 16 * CHUNK];
+        let len = batch.len();
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut chunk = vec![0u8; CHUNK];
+            while got < len {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                got += tokio::io::AsyncReadExt::read(&mut theirs, &mut chunk)
+                    .await
+                    .unwrap();
+            }
+            got
+        });
+        let (_pong_tx, mut pongs) = mpsc::unbounded_channel();
+        let mut stall = StallCheck::new();
+        let started = Instant::now();
+        let written = write_watched(&mut ours, &batch, &mut pongs, &mut stall).await;
+        assert!(written.is_ok(), "a moving write was declared stuck");
+        assert!(started.elapsed() > STALL_TIMEOUT, "{:?}", started.elapsed());
+        assert_eq!(reader.await.unwrap(), len);
+    }
+
+    /// A write the peer stops taking gives up after STALL_TIMEOUT, the way the
+    /// heartbeat's stall check does, instead of blocking until TCP gives up.
+    #[tokio::test]
+    async fn a_write_that_stops_moving_is_stuck_after_the_stall_timeout() {
+        let (mut ours, _theirs) = tokio::io::duplex(16 * 1024);
+        let (_pong_tx, mut pongs) = mpsc::unbounded_channel();
+        let mut stall = StallCheck::new();
+        let started = Instant::now();
+        let written = write_watched(&mut ours, &[0; 64 * 1024], &mut pongs, &mut stall).await;
+        assert!(
+            matches!(&written, Err(PumpEnd::Failed(e)) if e.contains("stuck")),
+            "expected the write to be declared stuck"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= STALL_TIMEOUT && took < 3 * STALL_TIMEOUT,
+            "{took:?}"
+        );
+    }
+
+    /// A peer's queue takes messages until it holds MAX_QUEUED_BYTES, drops
+    /// (and counts) the rest without waiting, and takes messages again as
+    /// what it holds drains.
+    #[test]
+    fn a_full_queue_drops_what_comes_next_until_it_drains() {
+        let metrics = crate::metrics::Metrics::for_tests("n1");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let held = Arc::new(QueueBytes {
+            bytes: AtomicUsize::new(0),
+            metrics: metrics.clone(),
+        });
+        let n2 = NodeId::new("n2");
+        let senders = PeerSenders {
+            senders: BTreeMap::from([(n2.clone(), PeerQueue { tx, held })]),
+        };
+        let put = PeerMessage::Forward {
+            req: 1,
+            request: ClientRequest::Put {
+                key: b"k".to_vec(),
+                value: Some(vec![0; 1 << 20]),
+                context: None,
+                w: None,
+                mode: dynamo_proto::WriteMode::Context,
+            },
+        };
+        let each = estimated_bytes(&put);
+        let fits = MAX_QUEUED_BYTES.div_ceil(each);
+        for _ in 0..fits + 10 {
+            senders.send(&n2, put.clone());
+        }
+        let p = &metrics.peers;
+        assert_eq!(p.messages_dropped.load(Ordering::Relaxed), 10);
+        let queued = p.queued_bytes.load(Ordering::Relaxed);
+        assert_eq!(queued, (fits * each) as u64);
+        let mut taken = Vec::new();
+        while let Ok(q) = rx.try_recv() {
+            taken.push(q);
+        }
+        assert_eq!(taken.len(), fits);
+        drop(taken);
+        assert_eq!(p.queued_bytes.load(Ordering::Relaxed), 0);
+        senders.send(&n2, put);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(p.messages_dropped.load(Ordering::Relaxed), 10);
     }
 }

@@ -89,18 +89,8 @@ struct Weight;
 
 impl quick_cache::Weighter<Vec<u8>, Option<DvvSet>> for Weight {
     fn weight(&self, key: &Vec<u8>, set: &Option<DvvSet>) -> u64 {
-        key.len() as u64 + set.as_ref().map_or(0, set_bytes) + ENTRY_OVERHEAD
+        key.len() as u64 + set.as_ref().map_or(0, |s| s.estimated_bytes() as u64) + ENTRY_OVERHEAD
     }
-}
-
-/// An estimate of a set's size in memory: values, dots and the version vector.
-fn set_bytes(set: &DvvSet) -> u64 {
-    let siblings: u64 = set
-        .siblings
-        .values()
-        .map(|s| s.value.as_ref().map_or(0, |v| v.len() as u64) + 64)
-        .sum();
-    siblings + 32 * (set.context.vv.len() + set.context.dots.len()) as u64
 }
 
 impl CachedStorage {

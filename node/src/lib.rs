@@ -15,6 +15,7 @@ mod gather;
 pub mod http;
 pub mod metrics;
 mod read_buf;
+mod reply_window;
 /// The Redis-protocol front end (only `tokio::net`/`io`/`sync`, so it also
 /// builds under madsim).
 pub mod resp;

@@ -12,7 +12,7 @@
 //! | `SET key value` | `+OK`; no options (`EX`, `PX`, `NX`, `XX`, `GET`, ... are refused) |
 //! | `DEL key [key ...]` | how many of the keys had a value |
 //! | `EXISTS key [key ...]` | how many of the keys have a value (repeats count again) |
-//! | `MGET key [key ...]` | an array of values and nils |
+//! | `MGET key [key ...]` | an array of values and nils; `-ERR` if it would exceed [`commands::mget_reply_bytes_max`] |
 //! | `MSET key value [key value ...]` | `+OK` once every write succeeded; not atomic |
 //! | `DYNAMO.GETALL key` | `[context, value1, value2, ...]`: see below |
 //! | `DYNAMO.PUT key context value` | the new write's context token |
@@ -62,12 +62,19 @@
 //! `redis-benchmark` does); otherwise, and for every other command on keys,
 //! the command runs as its own task once the earlier ones on its keys have
 //! finished. At most
-//! [`MAX_IN_FLIGHT`] commands per connection are outstanding; the connection
-//! stops reading until the oldest answers. Malformed input gets one
+//! [`MAX_IN_FLIGHT`] commands per connection are outstanding, and fewer when
+//! replies are large: about [`REPLY_BYTES_IN_FLIGHT_MAX`] of them, an `MGET`
+//! counting once per key (see [`crate::reply_window`]). When that is reached the
+//! connection stops reading until replies have been written, so a client that
+//! pipelines without reading is held back by TCP, not by the node's memory.
+//! `MGET` reads each distinct key once, however often it is named, and
+//! refuses a reply larger than [`commands::mget_reply_bytes_max`] (Redis would
+//! send it, bounded only by `client-output-buffer-limit`; here one command
+//! must not pin an unbounded amount of memory). Malformed input gets one
 //! `-ERR Protocol error: ...` after the replies before it, then the connection
 //! closes; the node keeps serving. On shutdown the listener stops accepting,
 //! connections stop reading, and replies to commands already read are still
-//! written.
+//! written, for at most [`SHUTDOWN_DRAIN`] to a client that does not read.
 //!
 //! Only `tokio::net`, `tokio::io`, `tokio::sync` and `tokio::spawn` are used, so
 //! it also builds (and could run) under madsim.
@@ -80,6 +87,7 @@ pub use parse::{Decoder, Limits, ProtocolError};
 pub use reply::Reply;
 
 use crate::read_buf::ReadBuf;
+use crate::reply_window::{CloseOnDrop, ReplyWindow};
 use crate::runtime::handle::shutting_down;
 use crate::runtime::CoreHandle;
 use dynamo_proto::{ClientReply, ClientRequest};
@@ -87,14 +95,21 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Most commands one connection may have outstanding before it stops reading.
+/// Most commands one connection may have outstanding before it stops reading
+/// (keys, for `MGET`).
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// About how many bytes of replies one connection may have outstanding once
+/// their sizes are known: 16 values of the default 1 MiB maximum.
+pub const REPLY_BYTES_IN_FLIGHT_MAX: usize = 16 << 20;
 /// Replies are written once this many bytes are ready, even if more are.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long a connection keeps writing its last replies after shutdown began.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// Per-key ordering entries kept before finished ones are pruned.
 const ORDER_PRUNE_AT: usize = 2 * MAX_IN_FLIGHT;
 
@@ -160,6 +175,12 @@ pub async fn serve(
     drop(alive_tx);
     let _ = alive_rx.recv().await;
     Ok(())
+}
+
+/// A reply slot as queued for the writer, with the window units it holds.
+struct Queued {
+    slot: Slot,
+    units: usize,
 }
 
 /// A reply in request order: ready now, coming from a task, or coming
@@ -333,9 +354,15 @@ async fn connection(
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let (mut reader, writer) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Slot>(MAX_IN_FLIGHT);
+    let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let unanswered = Arc::new(AtomicUsize::new(0));
-    let write_task = tokio::spawn(write_replies(writer, rx, unanswered.clone()));
+    let window = Arc::new(ReplyWindow::new(MAX_IN_FLIGHT, REPLY_BYTES_IN_FLIGHT_MAX));
+    let mut write_task = tokio::spawn(write_replies(
+        writer,
+        rx,
+        unanswered.clone(),
+        window.clone(),
+    ));
     let mut conn = Conn {
         shared: shared.clone(),
         id,
@@ -351,8 +378,25 @@ async fn connection(
                 Ok((used, command)) => {
                     buf.consume(used);
                     let Some(command) = command else { break };
+                    if command.is_empty() {
+                        continue;
+                    }
+                    // While the window is full nothing is read: the client's
+                    // writes back up into its own socket.
+                    let units = commands::reply_units(&command);
+                    let admitted = tokio::select! {
+                        biased;
+                        _ = stop.changed() => break 'conn,
+                        admitted = window.admit(units) => admitted,
+                    };
+                    if !admitted {
+                        break 'conn;
+                    }
                     let (slot, close) = match commands::dispatch(&mut conn, command) {
-                        Action::Nothing => continue,
+                        Action::Nothing => {
+                            window.written(units);
+                            continue;
+                        }
                         Action::Reply(r) => (Slot::Ready(r), false),
                         Action::ReplyAndClose(r) => (Slot::Ready(r), true),
                         Action::Spawned(rx) => (Slot::Pending(rx), false),
@@ -361,16 +405,16 @@ async fn connection(
                         }
                     };
                     conn.unanswered.fetch_add(1, Ordering::AcqRel);
-                    if tx.send(slot).await.is_err() || close {
+                    if tx.send(Queued { slot, units }).await.is_err() || close {
                         break 'conn;
                     }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "RESP protocol error; closing the connection");
                     conn.unanswered.fetch_add(1, Ordering::AcqRel);
-                    let _ = tx
-                        .send(Slot::Ready(Reply::err(format!("Protocol error: {e}"))))
-                        .await;
+                    window.admit_now(1);
+                    let slot = Slot::Ready(Reply::err(format!("Protocol error: {e}")));
+                    let _ = tx.send(Queued { slot, units: 1 }).await;
                     break 'conn;
                 }
             }
@@ -384,56 +428,100 @@ async fn connection(
             break;
         }
     }
+    // Replies to commands already read are written; once the node is
+    // shutting down, a client that does not read gets SHUTDOWN_DRAIN more.
     drop(tx);
-    let _ = write_task.await;
+    let deadline = async {
+        if !*stop.borrow() {
+            let _ = stop.changed().await;
+        }
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    tokio::select! {
+        _ = &mut write_task => {}
+        _ = deadline => {
+            tracing::debug!("a RESP client did not read its last replies within {SHUTDOWN_DRAIN:?}; closing");
+            write_task.abort();
+        }
+    }
     shared.connected.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Writes replies in request order: waits for the oldest, then takes every
-/// later one that is already done, writes them together and flushes.
+/// later one that is already done, writes them together and flushes,
+/// telling `window` what each batch held and when the socket took it.
 async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::Receiver<Slot>,
+    mut rx: mpsc::Receiver<Queued>,
     unanswered: Arc<AtomicUsize>,
+    window: Arc<ReplyWindow>,
 ) {
+    let _close = CloseOnDrop(&window);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     // A slot taken from the channel whose reply was not ready yet.
-    let mut peeked: VecDeque<Slot> = VecDeque::with_capacity(1);
+    let mut peeked: VecDeque<Queued> = VecDeque::with_capacity(1);
     loop {
         let head = match peeked.pop_front() {
-            Some(slot) => slot,
+            Some(queued) => queued,
             None => match rx.recv().await {
-                Some(slot) => slot,
+                Some(queued) => queued,
                 None => break,
             },
         };
-        head.wait().await.encode(&mut out);
+        let mut batch = Batch::default();
+        batch.encode(head.slot.wait().await, head.units, &mut out);
         unanswered.fetch_sub(1, Ordering::AcqRel);
         while out.len() < WRITE_BATCH {
             let next = match peeked.pop_front() {
-                Some(slot) => slot,
+                Some(queued) => queued,
                 None => match rx.try_recv() {
-                    Ok(slot) => slot,
+                    Ok(queued) => queued,
                     Err(_) => break,
                 },
             };
-            match next.try_take() {
+            match next.slot.try_take() {
                 Ok(reply) => {
-                    reply.encode(&mut out);
+                    batch.encode(reply, next.units, &mut out);
                     unanswered.fetch_sub(1, Ordering::AcqRel);
                 }
                 Err(slot) => {
-                    peeked.push_back(slot);
+                    peeked.push_back(Queued {
+                        slot,
+                        units: next.units,
+                    });
                     break;
                 }
             }
         }
+        window.encoded(batch.unit_bytes_max);
         if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
             return;
         }
+        window.written(batch.units);
         out.clear();
+        // One large reply must not pin its buffer for the connection's life.
+        if out.capacity() > 4 * WRITE_BATCH {
+            out = Vec::with_capacity(16 * 1024);
+        }
     }
     let _ = writer.shutdown().await;
+}
+
+/// What one write of the writer holds, for the [`ReplyWindow`].
+#[derive(Default)]
+struct Batch {
+    units: usize,
+    /// The largest reply's bytes per unit.
+    unit_bytes_max: usize,
+}
+
+impl Batch {
+    fn encode(&mut self, reply: Reply, units: usize, out: &mut Vec<u8>) {
+        let start = out.len();
+        reply.encode(out);
+        self.units += units;
+        self.unit_bytes_max = self.unit_bytes_max.max((out.len() - start) / units.max(1));
+    }
 }
 
 #[cfg(test)]
@@ -845,7 +933,20 @@ mod tests {
             commands::visible(&read(vec![b.clone(), c.clone()])),
             Some(&b"c"[..])
         );
+        // Taking the value out picks the same one.
+        assert_eq!(
+            commands::into_visible(read(vec![b.clone(), c.clone()])),
+            Some(b"c".to_vec())
+        );
+        assert_eq!(
+            commands::into_visible(read(vec![a.clone(), b.clone()])),
+            Some(b"b".to_vec())
+        );
         // A winning tombstone reads as nil; so does nothing.
+        assert_eq!(
+            commands::into_visible(read(vec![a.clone(), t.clone()])),
+            None
+        );
         assert_eq!(commands::visible(&read(vec![a, t])), None);
         assert_eq!(commands::visible(&read(vec![])), None);
     }

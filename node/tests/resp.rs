@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{free_ports, read_until_closed, wait_until, Cluster, CONDITION_DEADLINE};
+use common::{
+    free_ports, proc_status_bytes, read_until_closed, wait_until, watch_peak_rss, Cluster,
+    CONDITION_DEADLINE,
+};
 use dynamo_node::resp::parse::encode_command;
 use dynamo_node::resp::Reply;
 use std::io::{Read as _, Write as _};
@@ -327,4 +330,108 @@ fn siblings_show_in_getall_and_get_picks_one_winner() {
     assert_eq!(clients[1].cmd(&["DEL", "color"]), Reply::Integer(1));
     assert_eq!(clients[2].cmd(&["GET", "color"]), Reply::Nil);
     assert_eq!(getall(&mut clients[0], "color").1, Vec::<Vec<u8>>::new());
+}
+
+/// Values of the node's default maximum size, for the memory tests.
+const LARGE_VALUE: usize = 1 << 20;
+/// How far the node's peak RSS may grow while a client does not read: the
+/// reply window holds 64 values at first and about 16 MiB once it has seen
+/// one; the rest is slack for the allocator and the socket buffers.
+const RSS_GROWTH_MAX: u64 = 256 << 20;
+/// How long the node gets to do its worst before the client reads.
+const NOT_READING_FOR: Duration = Duration::from_secs(4);
+
+/// One node serving RESP with the default 1 MiB maximum value, holding
+/// `LARGE_VALUE` bytes under `big`: the cluster, a client, the node's pid, the
+/// value, and the node's peak RSS so far.
+fn node_with_a_large_value() -> (Cluster, Client, u32, Vec<u8>, u64) {
+    let port = free_ports(1)[0];
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c = Cluster::start_with(1, &[], move |_| {
+        vec!["--resp-addr".into(), addr.to_string()]
+    });
+    let pid = c.nodes[0].pid().expect("the node runs");
+    let mut client = Client::connect(addr);
+    let value: Vec<u8> = (0..LARGE_VALUE).map(|i| (i % 251) as u8).collect();
+    assert_eq!(client.call(&[b"SET", b"big", &value]), ok());
+    // One read first, so the baseline includes what any read costs.
+    assert_eq!(client.cmd(&["GET", "big"]), Reply::Bulk(value.clone()));
+    let baseline = proc_status_bytes(pid, "VmHWM").expect("Linux /proc");
+    (c, client, pid, value, baseline)
+}
+
+#[test]
+fn mget_naming_one_large_key_many_times_does_not_multiply_memory() {
+    let (_c, mut client, pid, value, baseline) = node_with_a_large_value();
+    // 4000 namings of one 1 MiB value: a 28 KB command, a 4 GB answer.
+    let mut args: Vec<&[u8]> = vec![b"MGET"];
+    args.extend(std::iter::repeat_n(&b"big"[..], 4000));
+    let mut command = Vec::new();
+    encode_command(&args, &mut command);
+    client.send(&command);
+    let peak = watch_peak_rss(
+        pid,
+        baseline + RSS_GROWTH_MAX,
+        NOT_READING_FOR,
+        "MGET of one 1 MiB key named 4000 times",
+    );
+    eprintln!("peak RSS grew by {} MiB", (peak - baseline) >> 20);
+    match client.read() {
+        Reply::Error(e) => assert!(
+            e.starts_with("ERR the MGET reply would be larger than the limit"),
+            "{e}"
+        ),
+        other => panic!("expected a refusal, got {}", reply_summary(&other)),
+    }
+    // The connection still serves, and an MGET that fits answers in full.
+    let mut args: Vec<&[u8]> = vec![b"MGET"];
+    args.extend(std::iter::repeat_n(&b"big"[..], 8));
+    args.push(b"missing");
+    let mut expected = vec![Reply::Bulk(value); 8];
+    expected.push(Reply::Nil);
+    assert_eq!(client.call(&args), Reply::Array(expected));
+}
+
+#[test]
+fn pipelined_large_gets_from_a_client_that_does_not_read_are_held_back_in_order() {
+    let (_c, mut client, pid, value, baseline) = node_with_a_large_value();
+    // 400 rounds of four GETs of the 1 MiB value and an ECHO of the round.
+    const ROUNDS: usize = 400;
+    let mut pipeline = Vec::new();
+    for round in 0..ROUNDS {
+        for _ in 0..4 {
+            encode_command(&[b"GET", b"big"], &mut pipeline);
+        }
+        encode_command(&[b"ECHO", round.to_string().as_bytes()], &mut pipeline);
+    }
+    client.send(&pipeline);
+    let peak = watch_peak_rss(
+        pid,
+        baseline + RSS_GROWTH_MAX,
+        NOT_READING_FOR,
+        "1600 pipelined GETs of a 1 MiB value, none of it read",
+    );
+    eprintln!("peak RSS grew by {} MiB", (peak - baseline) >> 20);
+    // Reading lets everything through, in request order.
+    for round in 0..ROUNDS {
+        for _ in 0..4 {
+            let reply = client.read();
+            assert!(
+                reply == Reply::Bulk(value.clone()),
+                "round {round}: {}",
+                reply_summary(&reply)
+            );
+        }
+        assert_eq!(client.read(), bulk(&round.to_string()));
+    }
+    assert_eq!(client.cmd(&["PING"]), Reply::Simple("PONG".into()));
+}
+
+/// A reply shown without megabytes of value.
+fn reply_summary(r: &Reply) -> String {
+    match r {
+        Reply::Bulk(b) if b.len() > 64 => format!("a bulk string of {} bytes", b.len()),
+        Reply::Array(items) => format!("an array of {} replies", items.len()),
+        other => format!("{other:?}"),
+    }
 }

@@ -8,13 +8,33 @@ use crate::runtime::CoreHandle;
 use dynamo_proto::{
     ClientError, ClientReply, ClientRequest, ClusterInfo, Context, GetReply, Sibling, WriteMode,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The version `INFO` and `HELLO` report: Redis 7.0 compatible, dynamo inside.
 pub const REDIS_VERSION: &str = "7.0.0-dynamo";
+
+/// Most keys one `MGET` reads from the core at once: enough to overlap the
+/// reads of a typical `MGET`, few enough that a long one holds few values
+/// beyond the ones it has already counted against its reply limit.
+const MGET_READS_IN_FLIGHT: usize = 64;
+
+/// The largest `MGET` reply, in bytes: 64 MiB, or four of the node's largest
+/// values if that is more. A larger `MGET` gets `-ERR` (see [`crate::resp`]).
+pub fn mget_reply_bytes_max(max_value_bytes: usize) -> usize {
+    (64usize << 20).max(max_value_bytes.saturating_mul(4))
+}
+
+/// How many units of the connection's reply window a command takes: one per
+/// value of its reply for `MGET`, one otherwise.
+pub(crate) fn reply_units(args: &Command) -> usize {
+    match args.first() {
+        Some(name) if name.eq_ignore_ascii_case(b"mget") => args.len().saturating_sub(1).max(1),
+        _ => 1,
+    }
+}
 
 /// A command this port knows, as `COMMAND` describes it.
 struct Spec {
@@ -137,7 +157,7 @@ pub(crate) fn dispatch(conn: &mut Conn, args: Command) -> Action {
                 r: None,
             };
             conn.submit_keyed(&key, request, |reply| match get_reply(reply) {
-                Ok(read) => visible(&read).map(Reply::bulk).unwrap_or(Reply::Nil),
+                Ok(read) => into_visible(read).map(Reply::Bulk).unwrap_or(Reply::Nil),
                 Err(e) => e,
             })
         }
@@ -214,23 +234,15 @@ pub(crate) fn dispatch(conn: &mut Conn, args: Command) -> Action {
             })
         }
         "mget" => {
-            let work: Vec<_> = args
+            let reply_bytes_max = mget_reply_bytes_max(handle.info.max_value_bytes);
+            let distinct: Vec<Vec<u8>> = args
                 .iter()
                 .cloned()
-                .map(|key| {
-                    let handle = handle.clone();
-                    async move {
-                        get(&handle, key)
-                            .await
-                            .map(|r| visible(&r).map(Reply::bulk).unwrap_or(Reply::Nil))
-                    }
-                })
+                .collect::<BTreeSet<_>>()
+                .into_iter()
                 .collect();
-            conn.spawn_keyed(&args, async move {
-                match all(work).await {
-                    Ok(values) => Reply::Array(values),
-                    Err(e) => e,
-                }
+            conn.spawn_keyed(&distinct, async move {
+                mget(handle, args, reply_bytes_max).await
             })
         }
         "mset" => {
@@ -412,16 +424,109 @@ async fn delete(handle: &CoreHandle, key: Vec<u8>) -> Result<i64, Reply> {
 /// The sibling `GET` shows: the greatest by (timestamp, actor, counter), the
 /// same order as `dynamo_core::version::winner`, so every node picks the same.
 pub fn winner(read: &GetReply) -> Option<&Sibling> {
+    winner_index(read).map(|at| &read.siblings[at].1)
+}
+
+/// Where [`winner`] is in `read.siblings`.
+fn winner_index(read: &GetReply) -> Option<usize> {
     read.siblings
         .iter()
-        .max_by(|(dx, x), (dy, y)| x.timestamp.cmp(&y.timestamp).then_with(|| dx.cmp(dy)))
-        .map(|(_, sibling)| sibling)
+        .enumerate()
+        .max_by(|(_, (dx, x)), (_, (dy, y))| x.timestamp.cmp(&y.timestamp).then_with(|| dx.cmp(dy)))
+        .map(|(at, _)| at)
 }
 
 /// What `GET` returns: the winner's value, `None` when there is no sibling or
 /// the winner is a tombstone.
 pub fn visible(read: &GetReply) -> Option<&[u8]> {
     winner(read).and_then(|s| s.value.as_deref())
+}
+
+/// [`visible`], taken out of the read rather than copied.
+pub(crate) fn into_visible(read: GetReply) -> Option<Vec<u8>> {
+    let at = winner_index(&read)?;
+    read.siblings.into_iter().nth(at).and_then(|(_, s)| s.value)
+}
+
+/// The bytes `value` takes in an `MGET` reply (`$<len>` and data, or `$-1`).
+fn bulk_reply_bytes(value: Option<&[u8]>) -> usize {
+    match value {
+        Some(v) => 1 + v.len().to_string().len() + 2 + v.len() + 2,
+        None => 5,
+    }
+}
+
+/// `MGET`: each distinct key is read once, at most [`MGET_READS_IN_FLIGHT`]
+/// at a time and in order, and a value named several times is copied into
+/// the reply only once the whole reply is known to fit `reply_bytes_max`.
+/// So memory stays near the reply's own size, and never far above the limit,
+/// whatever the keys repeat; over it, the answer is `-ERR` and nothing more is
+/// read.
+async fn mget(handle: CoreHandle, keys: Vec<Vec<u8>>, reply_bytes_max: usize) -> Reply {
+    // Distinct keys in order of first naming, how often each is named, and
+    // which distinct key each position of the reply shows.
+    let mut index: BTreeMap<&[u8], usize> = BTreeMap::new();
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    let mut named: Vec<usize> = Vec::new();
+    let positions: Vec<usize> = keys
+        .iter()
+        .map(|key| {
+            let i = *index.entry(key.as_slice()).or_insert_with(|| {
+                distinct.push(key.as_slice());
+                named.push(0);
+                distinct.len() - 1
+            });
+            named[i] += 1;
+            i
+        })
+        .collect();
+    let mut reply_bytes = 1 + keys.len().to_string().len() + 2;
+    let mut values: Vec<Option<Vec<u8>>> = Vec::with_capacity(distinct.len());
+    let mut reads = VecDeque::with_capacity(MGET_READS_IN_FLIGHT);
+    let mut next = 0;
+    loop {
+        while reads.len() < MGET_READS_IN_FLIGHT && next < distinct.len() {
+            let handle = handle.clone();
+            let key = distinct[next].to_vec();
+            reads.push_back(tokio::spawn(async move {
+                get(&handle, key).await.map(into_visible)
+            }));
+            next += 1;
+        }
+        let Some(read) = reads.pop_front() else {
+            break;
+        };
+        let value = match read.await {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => return e,
+            Err(_) => return Reply::err("internal error: a key's task failed"),
+        };
+        let i = values.len();
+        reply_bytes =
+            reply_bytes.saturating_add(named[i].saturating_mul(bulk_reply_bytes(value.as_deref())));
+        if reply_bytes > reply_bytes_max {
+            return Reply::err(format!(
+                "the MGET reply would be larger than the limit of {reply_bytes_max} bytes \
+                 (more than {reply_bytes} with {} of its {} distinct keys read); ask for \
+                 fewer keys per MGET, or GET the large values one at a time",
+                i + 1,
+                distinct.len()
+            ));
+        }
+        values.push(value);
+    }
+    // Each value is copied once per naming but the last, which moves.
+    let mut items = Vec::with_capacity(positions.len());
+    for i in positions {
+        named[i] -= 1;
+        let value = if named[i] == 0 {
+            values[i].take()
+        } else {
+            values[i].clone()
+        };
+        items.push(value.map(Reply::Bulk).unwrap_or(Reply::Nil));
+    }
+    Reply::Array(items)
 }
 
 /// Runs every future as its own task; their results in order, or the first

@@ -783,3 +783,41 @@ pub fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (Vec<u8>
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Process memory
+
+/// A size field of `/proc/<pid>/status` in bytes: `VmRSS` (resident now),
+/// `VmHWM` (the peak resident). `None` once the process is gone, or off Linux.
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Watches the peak resident memory (`VmHWM`) of process `pid` for
+/// `duration`, and panics with `what` as soon as it passes `limit_bytes`: a
+/// node whose memory runs away is stopped (the cluster drops) before it takes
+/// the machine's. Returns the peak seen.
+pub fn watch_peak_rss(pid: u32, limit_bytes: u64, duration: Duration, what: &str) -> u64 {
+    let start = Instant::now();
+    let mut peak = 0;
+    loop {
+        if let Some(hwm) = proc_status_bytes(pid, "VmHWM") {
+            peak = hwm;
+        }
+        assert!(
+            peak <= limit_bytes,
+            "{what}: the node's peak RSS reached {:.1} MiB, over the limit of {:.1} MiB",
+            peak as f64 / (1 << 20) as f64,
+            limit_bytes as f64 / (1 << 20) as f64
+        );
+        if start.elapsed() >= duration {
+            return peak;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -27,7 +27,45 @@
 //! It knows nothing of either protocol.
 
 use std::sync::Mutex;
-use tokio::sync::Notify;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+/// Requests one connection may have started and not yet seen written back
+/// (an `MGET` counts once per key), on either front end. Clients that
+/// pipeline keep far fewer: `dynamo bench` keeps `--concurrency /
+/// --connections` (25 by default, 200 in the largest published run).
+pub const UNITS_IN_FLIGHT_MAX: usize = 1024;
+/// About how many bytes of replies one connection may have in flight once
+/// their sizes are known: 16 values of the default 1 MiB maximum.
+pub const REPLY_BYTES_IN_FLIGHT_MAX: usize = 16 << 20;
+/// How long a connection keeps writing its last replies once the node is
+/// shutting down: a client that does not read must not keep it open forever.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// Waits for a connection's `writer` to write the replies to what was already
+/// started (its reply channel is closed). Once the node is shutting down (or
+/// gone), it gets [`SHUTDOWN_DRAIN`] more, then it is aborted.
+pub async fn drain_writer(
+    mut writer: JoinHandle<()>,
+    mut shutdown: watch::Receiver<bool>,
+    front_end: &str,
+) {
+    let deadline = async {
+        if !*shutdown.borrow() {
+            // An error means the node is gone: as good as shutting down.
+            let _ = shutdown.changed().await;
+        }
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    tokio::select! {
+        _ = &mut writer => {}
+        _ = deadline => {
+            tracing::debug!("a {front_end} client did not read its last replies within {SHUTDOWN_DRAIN:?}; closing");
+            writer.abort();
+        }
+    }
+}
 
 /// Units a connection may start before any of its replies has been seen.
 pub const INITIAL_WINDOW: usize = 64;

@@ -87,7 +87,10 @@ pub use parse::{Decoder, Limits, ProtocolError};
 pub use reply::Reply;
 
 use crate::read_buf::ReadBuf;
-use crate::reply_window::{CloseOnDrop, ReplyWindow};
+use crate::reply_window::{
+    drain_writer, CloseOnDrop, ReplyWindow, REPLY_BYTES_IN_FLIGHT_MAX,
+    UNITS_IN_FLIGHT_MAX as MAX_IN_FLIGHT,
+};
 use crate::runtime::handle::shutting_down;
 use crate::runtime::CoreHandle;
 use dynamo_proto::{ClientReply, ClientRequest};
@@ -95,21 +98,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Most commands one connection may have outstanding before it stops reading
-/// (keys, for `MGET`).
-pub const MAX_IN_FLIGHT: usize = 1024;
-/// About how many bytes of replies one connection may have outstanding once
-/// their sizes are known: 16 values of the default 1 MiB maximum.
-pub const REPLY_BYTES_IN_FLIGHT_MAX: usize = 16 << 20;
 /// Replies are written once this many bytes are ready, even if more are.
 const WRITE_BATCH: usize = 64 * 1024;
-/// How long a connection keeps writing its last replies after shutdown began.
-pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// Per-key ordering entries kept before finished ones are pruned.
 const ORDER_PRUNE_AT: usize = 2 * MAX_IN_FLIGHT;
 
@@ -357,7 +351,7 @@ async fn connection(
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let unanswered = Arc::new(AtomicUsize::new(0));
     let window = Arc::new(ReplyWindow::new(MAX_IN_FLIGHT, REPLY_BYTES_IN_FLIGHT_MAX));
-    let mut write_task = tokio::spawn(write_replies(
+    let write_task = tokio::spawn(write_replies(
         writer,
         rx,
         unanswered.clone(),
@@ -431,19 +425,7 @@ async fn connection(
     // Replies to commands already read are written; once the node is
     // shutting down, a client that does not read gets SHUTDOWN_DRAIN more.
     drop(tx);
-    let deadline = async {
-        if !*stop.borrow() {
-            let _ = stop.changed().await;
-        }
-        tokio::time::sleep(SHUTDOWN_DRAIN).await;
-    };
-    tokio::select! {
-        _ = &mut write_task => {}
-        _ = deadline => {
-            tracing::debug!("a RESP client did not read its last replies within {SHUTDOWN_DRAIN:?}; closing");
-            write_task.abort();
-        }
-    }
+    drain_writer(write_task, stop, "RESP").await;
     shared.connected.fetch_sub(1, Ordering::Relaxed);
 }
 

@@ -341,6 +341,13 @@ const RSS_GROWTH_MAX: u64 = 256 << 20;
 /// How long the node gets to do its worst before the client reads.
 const NOT_READING_FOR: Duration = Duration::from_secs(4);
 
+/// Watches the node's RSS for [`NOT_READING_FOR`] while the client reads
+/// nothing; fails at once if it grows past [`RSS_GROWTH_MAX`].
+fn watch_while_not_reading(pid: u32, baseline: u64, what: &str) {
+    let peak = watch_peak_rss(pid, baseline + RSS_GROWTH_MAX, NOT_READING_FOR, what);
+    eprintln!("{what}: peak RSS grew by {} MiB", (peak - baseline) >> 20);
+}
+
 /// One node serving RESP with the default 1 MiB maximum value, holding
 /// `LARGE_VALUE` bytes under `big`: the cluster, a client, the node's pid, the
 /// value, and the node's peak RSS so far.
@@ -369,13 +376,7 @@ fn mget_naming_one_large_key_many_times_does_not_multiply_memory() {
     let mut command = Vec::new();
     encode_command(&args, &mut command);
     client.send(&command);
-    let peak = watch_peak_rss(
-        pid,
-        baseline + RSS_GROWTH_MAX,
-        NOT_READING_FOR,
-        "MGET of one 1 MiB key named 4000 times",
-    );
-    eprintln!("peak RSS grew by {} MiB", (peak - baseline) >> 20);
+    watch_while_not_reading(pid, baseline, "MGET of one 1 MiB key named 4000 times");
     match client.read() {
         Reply::Error(e) => assert!(
             e.starts_with("ERR the MGET reply would be larger than the limit"),
@@ -405,13 +406,11 @@ fn pipelined_large_gets_from_a_client_that_does_not_read_are_held_back_in_order(
         encode_command(&[b"ECHO", round.to_string().as_bytes()], &mut pipeline);
     }
     client.send(&pipeline);
-    let peak = watch_peak_rss(
+    watch_while_not_reading(
         pid,
-        baseline + RSS_GROWTH_MAX,
-        NOT_READING_FOR,
+        baseline,
         "1600 pipelined GETs of a 1 MiB value, none of it read",
     );
-    eprintln!("peak RSS grew by {} MiB", (peak - baseline) >> 20);
     // Reading lets everything through, in request order.
     for round in 0..ROUNDS {
         for _ in 0..4 {

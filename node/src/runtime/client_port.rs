@@ -5,38 +5,29 @@
 //! saying what was wrong, then the connection closes; the node keeps serving.
 //!
 //! Each connection has flow control ([`ReplyWindow`]): at most
-//! [`REQUESTS_IN_FLIGHT_MAX`] requests started and not yet written back, and
+//! [`UNITS_IN_FLIGHT_MAX`] requests started and not yet written back, and
 //! fewer when replies are large (about [`REPLY_BYTES_IN_FLIGHT_MAX`] of them).
 //! When the window is full the connection stops reading, so a client that
 //! pipelines faster than it reads is held back by TCP; replies are never
 //! dropped. Replies are written in chunks of about [`WRITE_CHUNK_BYTES`].
 //! On shutdown the connection stops reading, and the replies to requests
-//! already started are written for at most [`SHUTDOWN_DRAIN`].
+//! already started are written for at most
+//! [`SHUTDOWN_DRAIN`](crate::reply_window::SHUTDOWN_DRAIN).
 
 use super::handle::CoreHandle;
 use crate::read_buf::ReadBuf;
-use crate::reply_window::{CloseOnDrop, ReplyWindow};
+use crate::reply_window::{
+    drain_writer, CloseOnDrop, ReplyWindow, REPLY_BYTES_IN_FLIGHT_MAX, UNITS_IN_FLIGHT_MAX,
+};
 use dynamo_proto::{ClientEnvelope, ClientError, ClientReply, ClientReplyEnvelope, FrameCodec};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-/// Most requests one connection may have started and not yet seen written
-/// back. `dynamo bench` keeps `--concurrency / --connections` in flight per
-/// connection (25 by default, 200 in the largest published run), well below.
-pub const REQUESTS_IN_FLIGHT_MAX: usize = 1024;
-/// About how many bytes of replies one connection may have in flight once
-/// their sizes are known: 16 replies of the default 1 MiB maximum value.
-pub const REPLY_BYTES_IN_FLIGHT_MAX: usize = 16 << 20;
 /// The writer stops taking replies into one write once this many bytes are
 /// encoded (one reply may make a chunk larger).
 pub const WRITE_CHUNK_BYTES: usize = 256 << 10;
-/// How long a connection keeps writing its last replies after shutdown began:
-/// a client that does not read must not keep the connection open forever.
-pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
-
 /// Accepts client connections until shutdown.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -67,10 +58,10 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
     // Unbounded, but never holding more than the window admitted.
     let (tx, rx) = mpsc::unbounded_channel::<ClientReplyEnvelope>();
     let window = Arc::new(ReplyWindow::new(
-        REQUESTS_IN_FLIGHT_MAX,
+        UNITS_IN_FLIGHT_MAX,
         REPLY_BYTES_IN_FLIGHT_MAX,
     ));
-    let mut write_task = tokio::spawn(write_replies(writer, rx, codec, window.clone()));
+    let write_task = tokio::spawn(write_replies(writer, rx, codec, window.clone()));
     let mut buf = ReadBuf::default();
     'conn: loop {
         // Decode every whole frame already buffered (a pipelining client
@@ -119,20 +110,7 @@ async fn serve(stream: TcpStream, handle: CoreHandle, mut shutdown: watch::Recei
     // Let requests already started answer, then close. Once the node is
     // shutting down, a client that does not read gets SHUTDOWN_DRAIN more.
     drop(tx);
-    let deadline = async {
-        if !*shutdown.borrow() {
-            // An error means the node is gone: as good as shutting down.
-            let _ = shutdown.changed().await;
-        }
-        tokio::time::sleep(SHUTDOWN_DRAIN).await;
-    };
-    tokio::select! {
-        _ = &mut write_task => {}
-        _ = deadline => {
-            tracing::debug!("a client did not read its last replies within {SHUTDOWN_DRAIN:?}; closing");
-            write_task.abort();
-        }
-    }
+    drain_writer(write_task, shutdown, "binary-protocol").await;
 }
 
 /// Writes replies as they come, in chunks of about [`WRITE_CHUNK_BYTES`],
@@ -184,10 +162,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reply_window::SHUTDOWN_DRAIN;
     use crate::runtime::handle::Event;
     use crate::runtime::NodeInfo;
     use dynamo_proto::{Actor, ClientRequest, Context, Dot, GetReply, Hlc, Sibling};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
     /// Every reply of the fake core carries a value this large.

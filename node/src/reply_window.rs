@@ -59,6 +59,8 @@ pub async fn drain_writer(
         tokio::time::sleep(SHUTDOWN_DRAIN).await;
     };
     tokio::select! {
+        // Not random (the simulator replays every choice).
+        biased;
         _ = &mut writer => {}
         _ = deadline => {
             tracing::debug!("a {front_end} client did not read its last replies within {SHUTDOWN_DRAIN:?}; closing");

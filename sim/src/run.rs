@@ -9,7 +9,7 @@ use crate::trace::Trace;
 use crate::workload::{self, key_name, Shared};
 use crate::world::World;
 use dynamo_core::version::Versioning;
-use madsim::time::{sleep, sleep_until, Duration};
+use madsim::time::{sleep, Duration};
 
 /// How long after a fault changes the cluster's shape requests must succeed
 /// again: peers reconnect within their 2 s backoff cap.
@@ -51,10 +51,14 @@ pub async fn run(scenario: Scenario, seed: u64) -> anyhow::Result<RunResult> {
         clients.push(host.spawn(task));
     }
     for step in &scenario.steps {
-        sleep_until(shared.start + Duration::from_millis(step.at.0)).await;
+        world
+            .run_until(shared.start + Duration::from_millis(step.at.0))
+            .await;
         world.apply(&step.action);
     }
-    sleep_until(shared.start + Duration::from_millis(duration)).await;
+    world
+        .run_until(shared.start + Duration::from_millis(duration))
+        .await;
     for c in clients {
         // A client stops at the deadline, after at most one request timeout.
         let _ = c.await;

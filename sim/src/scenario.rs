@@ -216,8 +216,15 @@ pub enum Action {
     Crash {
         node: String,
     },
-    /// Start a crashed node again from its disk.
+    /// Start a crashed node again from its disk; a node whose disk failed is
+    /// killed first and gets a working disk (what it had synced survives).
     Restart {
+        node: String,
+    },
+    /// The node's disk fails every write, sync and metadata write from now on.
+    /// The node stops itself at its first failure, as `dynamo server` does,
+    /// and stays down until a `restart`.
+    DiskFail {
         node: String,
     },
     /// Freeze the node (its tasks stop; its sockets stay open).
@@ -277,6 +284,7 @@ impl Action {
         match self {
             Action::Crash { .. } => "crash",
             Action::Restart { .. } => "restart",
+            Action::DiskFail { .. } => "disk_fail",
             Action::Pause { .. } => "pause",
             Action::Resume { .. } => "resume",
             Action::Partition { .. } => "partition",
@@ -416,6 +424,7 @@ impl Scenario {
             match &step.action {
                 Action::Crash { node }
                 | Action::Restart { node }
+                | Action::DiskFail { node }
                 | Action::Pause { node }
                 | Action::Resume { node }
                 | Action::Isolate { node }

@@ -43,6 +43,8 @@ pub struct SimNode {
     pub client_addr: String,
     pub crashed: bool,
     pub paused: bool,
+    /// Its disk fails every write and sync (`disk_fail`) until a restart.
+    pub disk_failed: bool,
 }
 
 pub struct World {
@@ -62,6 +64,8 @@ pub struct World {
     window_start_ms: u64,
     pub faults_injected: usize,
     start: madsim::time::Instant,
+    /// Nodes (by index) whose disk failed, asking to be stopped.
+    failed_disks: tokio::sync::mpsc::UnboundedReceiver<usize>,
 }
 
 impl World {
@@ -75,6 +79,7 @@ impl World {
             .map(|(i, n)| format!("{n}={}:{PEER_PORT}", node_ip(i)))
             .collect();
         let mut nodes = Vec::new();
+        let (failed_disks, failed_disks_rx) = tokio::sync::mpsc::unbounded_channel();
         for (i, name) in names.iter().enumerate() {
             let args = ServerArgs {
                 node_id: Some(name.clone()),
@@ -106,12 +111,14 @@ impl World {
                 let storage = storage.clone();
                 let clock = clock.clone();
                 let trace = trace.clone();
+                let failed_disks = failed_disks.clone();
                 let node_seed = seed ^ ((i as u64 + 1) << 32);
                 handle
                     .create_node()
                     .name(name)
                     .ip(node_ip(i))
                     .init(move || {
+                        let failed_disks = failed_disks.clone();
                         let config = config.clone();
                         let env = Environment {
                             storage: storage.clone() as Arc<dyn Storage>,
@@ -121,11 +128,20 @@ impl World {
                             trace: Some(trace.peer_observer()),
                         };
                         async move {
-                            match runtime::start(&config, env).await {
-                                // The node runs until the simulator kills it.
-                                Ok(_running) => std::future::pending::<()>().await,
+                            let running = match runtime::start(&config, env).await {
+                                Ok(running) => running,
                                 Err(e) => panic!("node {} failed to start: {e:#}", config.node_id),
-                            }
+                            };
+                            // It runs until the simulator kills it. When its
+                            // disk fails it asks to be stopped, as `dynamo
+                            // server` stops itself; the world kills it at
+                            // once (a graceful drain would wake its tasks
+                            // through tokio's watch channels, whose wake
+                            // order is random, not the seed's).
+                            let error = running.storage_failed().await;
+                            tracing::warn!(node = %config.node_id, %error, "storage failed; stopping");
+                            let _ = failed_disks.send(i);
+                            std::future::pending::<()>().await
                         }
                     })
                     .build()
@@ -138,6 +154,7 @@ impl World {
                 client_addr: format!("{}:{CLIENT_PORT}", node_ip(i)),
                 crashed: false,
                 paused: false,
+                disk_failed: false,
             });
         }
         let mut client_hosts = Vec::new();
@@ -181,6 +198,7 @@ impl World {
             window_start_ms: 0,
             faults_injected: 0,
             start: madsim::time::Instant::now(),
+            failed_disks: failed_disks_rx,
         })
     }
 
@@ -227,20 +245,21 @@ impl World {
             Action::Crash { node } => {
                 let i = self.index(node);
                 if !self.nodes[i].crashed {
-                    handle.kill(self.nodes[i].host.id());
-                    match self.scenario.disk.lose_unsynced {
-                        LoseUnsynced::All => self.nodes[i].storage.crash(),
-                        LoseUnsynced::RandomSubset => {
-                            let storage = self.nodes[i].storage.clone();
-                            storage.crash_keep_random_subset(&mut self.rng);
-                        }
-                    }
-                    self.nodes[i].crashed = true;
-                    self.nodes[i].paused = false;
+                    self.crash(i);
+                }
+            }
+            Action::DiskFail { node } => {
+                let i = self.index(node);
+                if !self.nodes[i].crashed && !self.nodes[i].disk_failed {
+                    self.nodes[i].storage.set_failing(true);
+                    self.nodes[i].disk_failed = true;
                 }
             }
             Action::Restart { node } => {
                 let i = self.index(node);
+                if self.nodes[i].disk_failed {
+                    self.crash(i);
+                }
                 if self.nodes[i].crashed {
                     handle.restart(self.nodes[i].host.id());
                     self.nodes[i].crashed = false;
@@ -337,6 +356,11 @@ impl World {
         self.loss = 0.0;
         self.latency_max_ms = latency[1].0;
         let handle = Handle::current();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].disk_failed {
+                self.crash(i);
+            }
+        }
         for n in &mut self.nodes {
             if n.paused {
                 handle.resume(n.host.id());
@@ -347,6 +371,41 @@ impl World {
                 n.crashed = false;
             }
         }
+    }
+
+    /// Waits until `deadline`, meanwhile stopping every node whose disk
+    /// failed (as `dynamo server` stops itself).
+    pub async fn run_until(&mut self, deadline: madsim::time::Instant) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(i) = self.failed_disks.recv() => {
+                    if self.nodes[i].disk_failed {
+                        tracing::info!(at_ms = self.elapsed_ms(), node = %self.nodes[i].name, "stopped: its disk failed");
+                        self.mark_change();
+                        self.crash(i);
+                    }
+                }
+                _ = madsim::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Kills node `i` and loses its unsynced writes (see `[disk]`). A failed
+    /// disk is replaced: the node restarts from what it had synced.
+    fn crash(&mut self, i: usize) {
+        Handle::current().kill(self.nodes[i].host.id());
+        match self.scenario.disk.lose_unsynced {
+            LoseUnsynced::All => self.nodes[i].storage.crash(),
+            LoseUnsynced::RandomSubset => {
+                let storage = self.nodes[i].storage.clone();
+                storage.crash_keep_random_subset(&mut self.rng);
+            }
+        }
+        self.nodes[i].storage.set_failing(false);
+        self.nodes[i].disk_failed = false;
+        self.nodes[i].crashed = true;
+        self.nodes[i].paused = false;
     }
 
     /// Closes the window of the fault state that held until now; call it just
@@ -366,7 +425,7 @@ impl World {
             down: self
                 .nodes
                 .iter()
-                .filter(|n| n.crashed || n.paused)
+                .filter(|n| n.crashed || n.paused || n.disk_failed)
                 .map(|n| n.name.clone())
                 .collect(),
             network_clean: !self.partitioned

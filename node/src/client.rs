@@ -1067,6 +1067,9 @@ impl Client {
             });
             let more = !queue.is_empty();
             tokio::select! {
+                // A finished attempt before the stagger timer (and the same
+                // order every time: an unbiased select draws a random one).
+                biased;
                 (i, result) = first_done => {
                     let (addr, _) = running.remove(i);
                     match self.opened(&addr, result) {

@@ -314,6 +314,9 @@ pub struct SwarmSpec {
     pub loss: bool,
     pub latency: bool,
     pub skew: bool,
+    /// Also fail disks (`disk_fail`, then a `restart`), drawn from a stream of
+    /// their own so the other draws of a seed stay as they were without it.
+    pub disk_fail: bool,
     pub max_loss: f64,
     pub max_latency: Millis,
     pub max_skew: Millis,
@@ -331,6 +334,9 @@ impl Default for SwarmSpec {
             loss: true,
             latency: true,
             skew: true,
+            // Off unless a file asks: a swarm file written before disk
+            // failures keeps meaning what it did.
+            disk_fail: false,
             max_loss: 0.2,
             max_latency: Millis(100),
             max_skew: Millis(2_000),
@@ -352,6 +358,32 @@ pub struct Scenario {
     pub steps: Vec<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swarm: Option<SwarmSpec>,
+}
+
+/// A swarm seed's disk failures: in one seed in three, one or two nodes' disks
+/// fail at a random time and the node is restarted on a working disk up to a
+/// third of the run later. Drawn from their own stream, so turning them on adds
+/// steps to a seed without changing its other draws.
+fn disk_failures(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd15c_fa11);
+    if !rng.gen_bool(1.0 / 3.0) {
+        return Vec::new();
+    }
+    let mut steps = Vec::new();
+    for _ in 0..rng.gen_range(1..=2) {
+        let at = rng.gen_range(0..duration * 9 / 10);
+        let end = (at + rng.gen_range(500..=duration / 3 + 500)).min(duration);
+        let node = names[rng.gen_range(0..names.len())].clone();
+        steps.push(Step {
+            at: Millis(at),
+            action: Action::DiskFail { node: node.clone() },
+        });
+        steps.push(Step {
+            at: Millis(end),
+            action: Action::Restart { node },
+        });
+    }
+    steps
 }
 
 /// The scenario used when none is given: five nodes, crashes, a partition.
@@ -606,6 +638,9 @@ impl Scenario {
                 }
             }
         }
+        if swarm.disk_fail {
+            steps.extend(disk_failures(seed, &names, duration));
+        }
         steps.sort_by_key(|s| s.at);
         s.steps = steps;
         s
@@ -656,6 +691,47 @@ mod tests {
         let distinct: std::collections::BTreeSet<String> =
             (0..20).map(|seed| s.resolve(seed).to_toml()).collect();
         assert!(distinct.len() > 15);
+    }
+
+    #[test]
+    fn swarm_disk_failures_add_steps_and_change_no_other_draw() {
+        let off = Scenario::parse("name = \"swarm\"\n[swarm]\n").unwrap();
+        let on = Scenario::parse("name = \"swarm\"\n[swarm]\ndisk_fail = true\n").unwrap();
+        let mut seeds_with_failures = 0;
+        for seed in 0..60 {
+            let (a, b) = (off.resolve(seed), on.resolve(seed));
+            assert_eq!(a.cluster, b.cluster, "seed {seed}");
+            assert_eq!(a.workload, b.workload, "seed {seed}");
+            let (failing, rest): (Vec<&Step>, Vec<&Step>) =
+                b.steps.iter().partition(|s| !a.steps.contains(s));
+            assert_eq!(
+                rest.len(),
+                a.steps.len(),
+                "seed {seed}: a draw of the rest changed"
+            );
+            assert!(
+                failing.len() % 2 == 0 && failing.len() <= 4,
+                "seed {seed}: {failing:?}"
+            );
+            for fail in &failing {
+                let Action::DiskFail { node } = &fail.action else {
+                    continue;
+                };
+                let replaced = failing
+                    .iter()
+                    .any(|s| s.at >= fail.at && s.action == Action::Restart { node: node.clone() });
+                assert!(replaced, "seed {seed}: {node}'s disk is never replaced");
+            }
+            assert!(a
+                .steps
+                .iter()
+                .all(|s| !matches!(s.action, Action::DiskFail { .. })));
+            seeds_with_failures += usize::from(!failing.is_empty());
+        }
+        assert!(
+            (10..=35).contains(&seeds_with_failures),
+            "{seeds_with_failures} of 60"
+        );
     }
 
     #[test]

@@ -115,6 +115,10 @@ pub struct WorkloadSpec {
     pub value_size: [usize; 2],
     /// Pause between one client's operations, inclusive range.
     pub think_time: [Millis; 2],
+    /// Each client sends every request to its home node (client `i` to node
+    /// `i` modulo the node count), as an application beside one node does;
+    /// otherwise each request goes to a node drawn at random.
+    pub home_node: bool,
 }
 
 impl Default for WorkloadSpec {
@@ -129,6 +133,7 @@ impl Default for WorkloadSpec {
             with_context: 0.8,
             value_size: [8, 64],
             think_time: [Millis(5), Millis(50)],
+            home_node: false,
         }
     }
 }

@@ -151,7 +151,13 @@ pub async fn client_loop(
         let think = rng.gen_range(w.think_time[0].0..=w.think_time[1].0);
         sleep(Duration::from_millis(think)).await;
         let key = key_name(rng.gen_range(0..w.keys));
-        let node = rng.gen_range(0..scenario.cluster.nodes);
+        // Drawn either way, so the rest of the client's draws do not depend on it.
+        let drawn = rng.gen_range(0..scenario.cluster.nodes);
+        let node = if w.home_node {
+            client % scenario.cluster.nodes
+        } else {
+            drawn
+        };
         let with_context = rng.gen_bool(w.with_context.clamp(0.0, 1.0));
         let context = if with_context {
             contexts.get(&key).cloned()

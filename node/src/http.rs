@@ -26,13 +26,17 @@
 //!
 //! Keys are the percent-decoded bytes of the path after `/kv/` (slashes
 //! included). Every error answers JSON `{"error": "..."}`.
+//!
+//! A slow or stalled client holds nothing for long: a request head must arrive
+//! within [`HEADER_READ_TIMEOUT`] and a `PUT`'s body within [`BODY_READ_TIMEOUT`],
+//! or the connection is closed.
 
 use crate::context_token;
 use crate::runtime::handle::CoreHandle;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::header::{HeaderMap, HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -53,6 +57,18 @@ pub const CONTEXT_HEADER: &str = "x-dynamo-context";
 /// How long `/health` waits for the core before it reports the node unavailable.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a client may take to send a request's head, counted from the end
+/// of the previous answer on the connection (or from its opening): past it the
+/// connection is closed. hyper's default, which `axum::serve` leaves off.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a `PUT` may take to send its whole body. A client that stalls
+/// mid-body (or trickles it) would otherwise hold the connection, and up to
+/// `max_value_bytes` of buffered body, for as long as it keeps the socket open;
+/// at this deadline it is answered 408 and the connection closed, which frees
+/// both. A value of `max_value_bytes` (1 MiB by default) needs under 35 KB/s.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The largest plain-text error body the JSON wrapper reads back.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -68,7 +84,7 @@ pub fn router(handle: CoreHandle) -> Router {
     // `max_value_bytes + 1` reaches the handler, which reports its length; larger
     // bodies are cut off by axum and reported without one.
     let body_limit = handle.info.max_value_bytes.saturating_add(1);
-    Router::new()
+    let api = Router::new()
         .route("/kv", get(empty_key).put(empty_key).delete(empty_key))
         .route("/kv/", get(empty_key).put(empty_key).delete(empty_key))
         .route("/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
@@ -77,21 +93,81 @@ pub fn router(handle: CoreHandle) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(web_client))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(handle)
+        .with_state(handle);
+    // The JSON wrapper goes around the whole router, not around each route: a
+    // route's 405 gets its `Allow` header outside the route's own layers, and
+    // the wrapper names the allowed methods from it.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::map_response(json_errors))
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves, then finishes the
 /// requests in flight and returns.
+///
+/// Each connection is served by hyper's HTTP/1 server with a timer, so that a
+/// request head (or the next one, on an idle keep-alive connection) must
+/// arrive whole within [`HEADER_READ_TIMEOUT`]: `axum::serve` gives hyper no
+/// timer, which turns that timeout off and let a client that connects and
+/// sends nothing, or half a head, hold a connection (and up to ~400 KB of head
+/// buffer) for as long as it liked.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: CoreHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(handle))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(handle);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            // Shutdown first, so a stream of new connections cannot delay it.
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if is_connection_error(&e) => continue,
+            // Out of file descriptors, say: wait rather than spin.
+            Err(e) => {
+                tracing::error!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                biased;
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            // Finishes the request in flight, if any, then closes.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -102,6 +178,8 @@ pub async fn serve(
 struct ApiError {
     status: StatusCode,
     body: Value,
+    /// Close the connection after this answer (the request was not read whole).
+    close: bool,
 }
 
 impl ApiError {
@@ -109,6 +187,7 @@ impl ApiError {
         ApiError {
             status,
             body: json!({ "error": message.into() }),
+            close: false,
         }
     }
 
@@ -139,6 +218,7 @@ impl From<ClientError> for ApiError {
                     "replied": replied,
                     "n": n,
                 }),
+                close: false,
             },
             ClientError::TooManySiblings { .. } => Self::new(StatusCode::CONFLICT, message),
             ClientError::Invalid(_) => Self::new(StatusCode::BAD_REQUEST, message),
@@ -156,7 +236,13 @@ impl From<ClientError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if self.close {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -357,7 +443,33 @@ fn context_from_headers(headers: &HeaderMap) -> Result<Option<Context>, ApiError
         .map_err(|e| ApiError::bad_request(format!("bad X-Dynamo-Context header: {e}")))
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Vec<u8>, ApiError> {
+/// A request body read within [`BODY_READ_TIMEOUT`]: the bytes, axum's
+/// rejection (too large, unreadable), or `Err` when the deadline passed.
+struct TimedBody(Result<Result<Bytes, BytesRejection>, tokio::time::error::Elapsed>);
+
+impl<S: Send + Sync> FromRequest<S> for TimedBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let read = Bytes::from_request(req, state);
+        Ok(TimedBody(
+            tokio::time::timeout(BODY_READ_TIMEOUT, read).await,
+        ))
+    }
+}
+
+fn body_bytes(body: TimedBody, max: usize) -> Result<Vec<u8>, ApiError> {
+    let Ok(body) = body.0 else {
+        let mut error = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s; send the whole value at once",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        );
+        error.close = true;
+        return Err(error);
+    };
     match body {
         Ok(bytes) if bytes.len() > max => Err(ClientError::ValueTooLarge {
             len: bytes.len() as u64,
@@ -394,7 +506,7 @@ async fn put_key(
     uri: Uri,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: TimedBody,
 ) -> ApiResult {
     let key = key_from_uri(&uri, handle.info.max_key_bytes)?;
     let params = parse_params(query, &["w"])?;

@@ -92,9 +92,22 @@ pub enum VersionError {
         minted: u64,
     },
 
-    /// The coordinator's actor has no counter left for this key (a context from
-    /// an altered token can claim one near `u64::MAX`); a restart of the node
-    /// gives it a new actor.
+    /// The request's context names a version counter past [`MAX_COUNTER`],
+    /// which no node reaches: the context was altered. Taken, it would use up
+    /// the counters of that actor (another node's, which this one cannot check)
+    /// for the key, and that node could write the key no more.
+    #[error(
+        "the context names version {claimed} of actor {actor}, past any version a node writes          (at most {limit}): pass the context exactly as a read returned it"
+    )]
+    ImplausibleCounter {
+        actor: Actor,
+        claimed: u64,
+        limit: u64,
+    },
+
+    /// The coordinator's actor has no counter left for this key (a context
+    /// stored before contexts were bounded by [`MAX_COUNTER`] can claim one near
+    /// `u64::MAX`); a restart of the node gives it a new actor.
     #[error(
         "the key's version counter of this node's actor {actor} is exhausted; write through \
          another node, or restart this one (it then writes as a new actor)"
@@ -116,6 +129,31 @@ pub enum VersionError {
 /// far inside a frame (about 14 bytes an entry, against the frame's 1 MiB of
 /// room beyond the values) whatever contexts clients send.
 pub const MAX_CONTEXT_ENTRIES: usize = 10_000;
+
+/// The largest version counter a client's context may name. A node mints one
+/// counter per write of a key as one actor (a new actor each start), so no
+/// counter comes near it (2^62 writes of one key at a million a second take
+/// 146,000 years); past it, a context was altered. It leaves 2^62 counters
+/// above any claim, so no claim can exhaust another node's actor.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
+/// The first entry of `ctx` (by actor, then dot) that names a counter past
+/// [`MAX_COUNTER`].
+fn check_counters(ctx: &Context) -> Result<(), VersionError> {
+    let named = ctx.vv.iter().map(|(actor, counter)| (*actor, *counter));
+    let dots = ctx.dots.iter().map(|dot| (dot.actor, dot.counter));
+    let past = named
+        .chain(dots)
+        .find(|&(_, counter)| counter > MAX_COUNTER);
+    match past {
+        Some((actor, claimed)) => Err(VersionError::ImplausibleCounter {
+            actor,
+            claimed,
+            limit: MAX_COUNTER,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// Entries in a context: its version-vector actors and its exceptional dots.
 pub fn context_entries(ctx: &Context) -> usize {
@@ -333,6 +371,9 @@ pub fn write(
     versioning: Versioning,
     max_siblings: usize,
 ) -> Result<WriteOutcome, VersionError> {
+    if let Some(context) = context {
+        check_counters(context)?;
+    }
     let request_context = match write_mode {
         WriteMode::Context => {
             let mut request = context.cloned().unwrap_or_default();

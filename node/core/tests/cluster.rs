@@ -695,7 +695,7 @@ fn an_altered_context_gets_a_clear_error_and_the_key_stays_writable() {
     let reply = c.put("n1", b"k", b"v2", Some(context));
     match &reply {
         ClientReply::Error(ClientError::Invalid(e)) => {
-            assert!(e.contains("written only 1 versions"), "{e}")
+            assert!(e.contains("past any version a node writes"), "{e}")
         }
         other => panic!("an altered context was accepted: {other:?}"),
     }
@@ -704,6 +704,28 @@ fn an_altered_context_gets_a_clear_error_and_the_key_stays_writable() {
     let context = expect_get(c.get("n1", b"k", None)).context;
     expect_put(c.put("n1", b"k", b"v3", Some(context)));
     assert_eq!(values(&expect_get(c.get("n3", b"k", None))), ["v3"]);
+}
+
+#[test]
+fn an_altered_context_naming_another_node_cannot_take_its_writes_away() {
+    // The context claims n2's counter at u64::MAX, through n1, which cannot
+    // check n2's counters. Taken, it would be merged into the key on every
+    // replica, and every later write of the key that n2 coordinates would find
+    // its counter used up. It is refused, and n2 writes the key as before.
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let (n2_dot, _) = expect_put(c.put("n2", b"probe", b"x", None));
+    let mut context = dynamo_proto::Context::default();
+    context.vv.insert(n2_dot.actor, u64::MAX);
+    match c.put("n1", b"k", b"hostile", Some(context)) {
+        ClientReply::Error(ClientError::Invalid(e)) => {
+            assert!(e.contains("past any version a node writes"), "{e}")
+        }
+        other => panic!("an altered context was accepted: {other:?}"),
+    }
+    let read = expect_get(c.get("n2", b"k", None));
+    assert!(values(&read).is_empty());
+    expect_put(c.put("n2", b"k", b"mine", Some(read.context)));
+    assert_eq!(values(&expect_get(c.get("n3", b"k", None))), ["mine"]);
 }
 
 #[test]

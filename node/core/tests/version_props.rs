@@ -631,8 +631,8 @@ fn a_context_naming_versions_the_coordinator_never_minted_is_refused() {
         epoch: 1,
     };
     let local = put(&DvvSet::default(), None, me).unwrap();
-    // The counter an altered token claims would have overflowed the next dot.
-    for claimed in [2, u64::MAX] {
+    // Below MAX_COUNTER (past it, any actor's claim is refused: see below).
+    for claimed in [2, dynamo_core::version::MAX_COUNTER] {
         let e = put(&local, Some(&claiming(me, claimed)), me).unwrap_err();
         assert!(e.contains(&format!("version {claimed}")), "{e}");
         assert!(e.contains("written only 1"), "{e}");
@@ -644,8 +644,9 @@ fn a_context_naming_versions_the_coordinator_never_minted_is_refused() {
 
 #[test]
 fn an_exhausted_counter_is_an_error_not_an_overflow() {
-    // Another actor's claim arrives through replication, where nothing can
-    // check it; when that actor coordinates a write, it has no counter left.
+    // A claim stored before contexts were bounded by MAX_COUNTER (it arrived
+    // through replication, where nothing checks it): when that actor
+    // coordinates a write of the key, it has no counter left.
     let (me, other) = (
         Actor {
             incarnation: 1,
@@ -656,11 +657,51 @@ fn an_exhausted_counter_is_an_error_not_an_overflow() {
             epoch: 1,
         },
     );
-    let poisoned = put(&DvvSet::default(), Some(&claiming(other, u64::MAX)), me).unwrap();
-    let e = put(&poisoned, Some(&poisoned.context), other).unwrap_err();
+    let poisoned = DvvSet {
+        context: claiming(other, u64::MAX),
+        siblings: Default::default(),
+    };
+    let e = put(&poisoned, None, other).unwrap_err();
     assert!(e.contains("exhausted"), "{e}");
     // The key stays writable through the other actor.
-    put(&poisoned, Some(&poisoned.context), me).unwrap();
+    put(&poisoned, None, me).unwrap();
+}
+
+#[test]
+fn a_context_naming_a_counter_no_node_reaches_is_refused() {
+    use dynamo_core::version::MAX_COUNTER;
+    use dynamo_proto::Dot;
+    // The coordinator cannot check another actor's counters, but none comes
+    // near MAX_COUNTER: a claim past it would use up that actor's counters for
+    // the key, and it could write the key no more.
+    let (me, other) = (
+        Actor {
+            incarnation: 1,
+            epoch: 1,
+        },
+        Actor {
+            incarnation: 2,
+            epoch: 1,
+        },
+    );
+    let mut as_dot = Context::default();
+    as_dot.dots.insert(Dot {
+        actor: other,
+        counter: u64::MAX,
+    });
+    for (claim, claimed) in [
+        (claiming(other, MAX_COUNTER + 1), MAX_COUNTER + 1),
+        (claiming(other, u64::MAX), u64::MAX),
+        (as_dot, u64::MAX),
+    ] {
+        let e = put(&DvvSet::default(), Some(&claim), me).unwrap_err();
+        assert!(e.contains(&format!("version {claimed} of actor")), "{e}");
+        assert!(e.contains("past any version a node writes"), "{e}");
+    }
+    // At the bound it is taken, and the other actor still has counters left.
+    let taken = put(&DvvSet::default(), Some(&claiming(other, MAX_COUNTER)), me).unwrap();
+    let next = put(&taken, Some(&taken.context), other).unwrap();
+    assert!(next.context.vv[&other] == MAX_COUNTER + 1, "{next:?}");
 }
 
 #[test]

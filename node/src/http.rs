@@ -29,7 +29,8 @@
 //!
 //! A slow or stalled client holds nothing for long: a request head must arrive
 //! within [`HEADER_READ_TIMEOUT`] and a `PUT`'s body within [`BODY_READ_TIMEOUT`],
-//! or the connection is closed.
+//! and an answer must not wait [`WRITE_STALL_TIMEOUT`] for a client that reads
+//! nothing, or the connection is closed.
 
 use crate::context_token;
 use crate::runtime::handle::CoreHandle;
@@ -48,8 +49,12 @@ use dynamo_proto::{
 };
 use serde_json::{json, Value};
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The header that carries the opaque causal-context token.
 pub const CONTEXT_HEADER: &str = "x-dynamo-context";
@@ -68,6 +73,12 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// at this deadline it is answered 408 and the connection closed, which frees
 /// both. A value of `max_value_bytes` (1 MiB by default) needs under 35 KB/s.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a response may wait for a client that reads nothing before the
+/// connection is dropped. A client that stops reading would otherwise hold the
+/// connection, and the answer it is being sent (a value of up to
+/// `max_value_bytes`), for as long as it keeps the socket open.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest plain-text error body the JSON wrapper reads back.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -145,7 +156,10 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(StallGuard::new(stream)),
+                    service,
+                );
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 biased;
@@ -160,6 +174,93 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// A connection whose writes fail once none has made progress for
+/// [`WRITE_STALL_TIMEOUT`] (hyper then drops the connection). Reads pass
+/// through: hyper's header timeout and the body deadline bound those.
+struct StallGuard<T> {
+    inner: T,
+    /// Armed when a write finds the socket full; disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> StallGuard<T> {
+    fn new(inner: T) -> StallGuard<T> {
+        StallGuard {
+            inner,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write returned `poll`: progress disarms the timer; a
+    /// full socket arms it, and fails once it has run out.
+    fn watch<R>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        poll: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing of the answer for {} s",
+                    WRITE_STALL_TIMEOUT.as_secs()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for StallGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn is_connection_error(e: &std::io::Error) -> bool {

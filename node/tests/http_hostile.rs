@@ -91,3 +91,34 @@ fn a_stalled_request_head_is_closed() {
     let (_, closed) = read_until_closed(&mut silent, SLACK);
     assert!(closed, "a connection that never sent a byte is held");
 }
+
+/// A client that sends requests and then reads nothing must not hold the
+/// connection, and the answers being sent to it, for as long as it likes.
+#[test]
+fn a_client_that_reads_no_answer_is_dropped() {
+    let c = Cluster::start(1, &[]);
+    let value = vec![b'v'; 1 << 20];
+    assert_eq!(c.put(0, "/kv/big", None, &value).status, 204);
+    // 40 pipelined reads of 1 MiB: far more than the sockets' buffers hold,
+    // so the node's writes stop making progress.
+    const READS: usize = 40;
+    let mut reader = TcpStream::connect(c.http_addr(0)).unwrap();
+    reader
+        .write_all(&b"GET /kv/big HTTP/1.1\r\nhost: x\r\n\r\n".repeat(READS))
+        .unwrap();
+    std::thread::sleep(dynamo_node::http::WRITE_STALL_TIMEOUT + Duration::from_secs(5));
+    // Now read: what the sockets held arrives, then the end of the connection,
+    // not every answer.
+    let (raw, closed) = read_until_closed(&mut reader, SLACK);
+    let answers = raw.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(
+        closed,
+        "the connection is still open ({answers} answers read)"
+    );
+    assert!(
+        answers < READS,
+        "all {answers} answers arrived: nothing was dropped"
+    );
+    // The node serves others as before.
+    assert_eq!(c.get(0, "/kv/big").status, 200);
+}

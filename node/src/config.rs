@@ -91,6 +91,11 @@ pub struct ServerArgs {
     /// [default: one per core]
     #[arg(long, env = "DYNAMO_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Client connections served at once, over the binary, RESP and HTTP
+    /// ports; past it a new one is told so and closed. Lowered at start to
+    /// fit the open-files limit. [default: 4096]
+    #[arg(long, env = "DYNAMO_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 /// The same settings as they may appear in the TOML file.
@@ -118,6 +123,7 @@ struct FileConfig {
     versioning: Option<String>,
     cache_mb: Option<u64>,
     worker_threads: Option<usize>,
+    max_connections: Option<usize>,
 }
 
 /// A peer named on the command line or in the file.
@@ -174,6 +180,8 @@ pub struct ServerConfig {
     pub cache_bytes: u64,
     /// Runtime worker threads; `None`: one per core.
     pub worker_threads: Option<usize>,
+    /// Client connections served at once (see [`crate::connection_limit`]).
+    pub max_connections: usize,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -263,6 +271,11 @@ impl ServerConfig {
             versioning,
             cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
             worker_threads: args.worker_threads.or(file.worker_threads),
+            max_connections: pick(
+                &args.max_connections,
+                file.max_connections,
+                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+            ),
         };
         config.validate()?;
         Ok(config)
@@ -323,6 +336,9 @@ impl ServerConfig {
             if !(1..=MAX_WORKER_THREADS).contains(&n) {
                 bail!("--worker-threads {n}: choose 1 to {MAX_WORKER_THREADS}");
             }
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections 0 would refuse every client; choose at least 1");
         }
         Ok(())
     }
@@ -392,6 +408,7 @@ mod tests {
         assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
         assert_eq!(c.worker_threads, None, "one worker thread per core");
         assert_eq!(c.cache_bytes, 0, "the row cache is opt-in");
+        assert_eq!(c.max_connections, 4096);
     }
 
     /// Resolves `args` with a config file holding `text`.
@@ -458,7 +475,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -471,6 +488,7 @@ mod tests {
         assert_eq!(c.http_addr, None);
         assert_eq!(c.worker_threads, Some(3));
         assert_eq!(c.cache_bytes, 8 << 20);
+        assert_eq!(c.max_connections, 100);
     }
 
     #[test]
@@ -501,6 +519,11 @@ mod tests {
             ..Default::default()
         })
         .contains("lww"));
+        assert!(bad(ServerArgs {
+            max_connections: Some(0),
+            ..Default::default()
+        })
+        .contains("--max-connections 0"));
         for threads in [0, MAX_WORKER_THREADS + 1] {
             assert!(bad(ServerArgs {
                 worker_threads: Some(threads),

@@ -128,6 +128,7 @@ pub async fn serve(
     handle: CoreHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limit = handle.connections.clone();
     let app = router(handle);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -150,9 +151,20 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(slot) = limit.admit() else {
+            let body = json!({ "error": limit.refusal() }).to_string();
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            tokio::spawn(crate::connection_limit::refuse(stream, answer.into_bytes()));
+            continue;
+        };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -865,6 +877,7 @@ mod tests {
                 }
             }
         });
+        let metrics = crate::metrics::Metrics::for_tests("n1");
         let handle = CoreHandle {
             events,
             info: Arc::new(NodeInfo {
@@ -873,7 +886,11 @@ mod tests {
                 max_value_bytes: MAX_VALUE,
                 max_frame_bytes: 1024,
             }),
-            metrics: crate::metrics::Metrics::for_tests("n1"),
+            metrics: metrics.clone(),
+            connections: crate::connection_limit::ConnectionLimit::new(
+                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+                metrics,
+            ),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connection_limit;
 pub mod context_token;
 #[cfg(not(madsim))]
 pub mod dev;

@@ -258,6 +258,10 @@ pub struct Metrics {
     /// Wakeups of the core task, and the events they handled.
     pub core_turns: AtomicU64,
     pub core_events: AtomicU64,
+    /// Client connections open (every front end), and those refused at the
+    /// bound (see [`crate::connection_limit`]).
+    pub client_connections: AtomicU64,
+    pub client_connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -272,6 +276,8 @@ impl Metrics {
             peers_known: AtomicU64::new(0),
             core_turns: AtomicU64::new(0),
             core_events: AtomicU64::new(0),
+            client_connections: AtomicU64::new(0),
+            client_connections_refused: AtomicU64::new(0),
         }
     }
 
@@ -327,7 +333,7 @@ impl Metrics {
         let s = &self.storage;
         let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 22] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 24] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -459,6 +465,18 @@ impl Metrics {
                 "counter",
                 "Events the core handled (client requests, peer messages, durable writes, timers).",
                 &self.core_events,
+            ),
+            (
+                "dynamo_client_connections",
+                "gauge",
+                "Client connections open, over the binary, RESP and HTTP front ends.",
+                &self.client_connections,
+            ),
+            (
+                "dynamo_client_connections_refused_total",
+                "counter",
+                "Client connections refused because --max-connections were open.",
+                &self.client_connections_refused,
             ),
         ];
         for (name, kind, help, v) in scalars {

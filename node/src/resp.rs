@@ -150,12 +150,25 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     shared.connections_received.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(connection(
-                        stream,
-                        shared.clone(),
-                        stop_rx.clone(),
-                        alive_tx.clone(),
-                    ));
+                    match shared.handle.connections.admit() {
+                        Some(slot) => {
+                            let serving = connection(
+                                stream,
+                                shared.clone(),
+                                stop_rx.clone(),
+                                alive_tx.clone(),
+                            );
+                            tokio::spawn(async move {
+                                serving.await;
+                                drop(slot);
+                            });
+                        }
+                        // Redis's own words, which client libraries know.
+                        None => {
+                            let answer = b"-ERR max number of clients reached\r\n".to_vec();
+                            tokio::spawn(crate::connection_limit::refuse(stream, answer));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a RESP connection failed");
@@ -592,6 +605,7 @@ mod tests {
                 });
             }
         });
+        let metrics = crate::metrics::Metrics::for_tests("n1");
         let handle = CoreHandle {
             events,
             info: Arc::new(NodeInfo {
@@ -600,7 +614,11 @@ mod tests {
                 max_value_bytes: 1024,
                 max_frame_bytes: 1 << 20,
             }),
-            metrics: crate::metrics::Metrics::for_tests("n1"),
+            metrics: metrics.clone(),
+            connections: crate::connection_limit::ConnectionLimit::new(
+                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+                metrics,
+            ),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

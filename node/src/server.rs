@@ -16,7 +16,12 @@ const FRONT_END_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs a node until a signal asks it to stop; returns once everything is synced.
 pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::resolve(args)?;
+    let mut config = ServerConfig::resolve(args)?;
+    let (max_connections, warning) = fit_connections(config.max_connections);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    config.max_connections = max_connections;
     tracing::info!(
         config = %serde_json::to_string(&config).unwrap_or_default(),
         "starting dynamo node {}",
@@ -155,4 +160,44 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Descriptors kept for all but client connections (peer connections, the
+/// store's files, listeners), or half the limit when it is smaller than twice
+/// this.
+const RESERVED_FDS: u64 = 1024;
+
+/// Raises the soft open-files limit to the hard one, and returns the client
+/// connections (at most `configured`) that leave [`RESERVED_FDS`] for the rest,
+/// with a warning when that is fewer than configured: at the limit the node
+/// could not reach its peers or open its store's files.
+fn fit_connections(configured: usize) -> (usize, Option<String>) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum) {
+        if soft < hard {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                limit = raised;
+            }
+        }
+    }
+    let Some(files) = limit.current else {
+        return (configured, None);
+    };
+    let room = files.saturating_sub(RESERVED_FDS.min(files / 2)).max(1);
+    match usize::try_from(room) {
+        Ok(room) if room < configured => (
+            room,
+            Some(format!(
+                "--max-connections {configured} lowered to {room}: the open-files limit is \
+                 {files} (ulimit -n) and the node keeps {} for peers and storage",
+                files - room as u64
+            )),
+        ),
+        _ => (configured, None),
+    }
 }

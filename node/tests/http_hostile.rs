@@ -1,6 +1,7 @@
 //! End-to-end tests of the HTTP front end against hostile or careless clients:
 //! clients that stall mid-request, and error answers that must say what to
 //! change. Each one runs real `dynamo server` processes on loopback.
+#![cfg(not(madsim))]
 
 mod common;
 

@@ -39,9 +39,29 @@ pub(crate) async fn accept_loop(
             biased;
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, handle.clone(), shutdown.clone()));
-                }
+                Ok((stream, _)) => match handle.connections.admit() {
+                    Some(slot) => {
+                        let serving = serve(stream, handle.clone(), shutdown.clone());
+                        tokio::spawn(async move {
+                            serving.await;
+                            drop(slot);
+                        });
+                    }
+                    None => {
+                        let reply = ClientReplyEnvelope {
+                            id: 0,
+                            reply: ClientReply::Error(ClientError::Unavailable(
+                                handle.connections.refusal(),
+                            )),
+                        };
+                        let codec = FrameCodec::new(handle.info.max_frame_bytes);
+                        let mut answer = Vec::new();
+                        // An error reply always fits a frame; were it not to,
+                        // the client still sees the connection close.
+                        let _ = codec.encode_into(&reply, &mut answer);
+                        tokio::spawn(crate::connection_limit::refuse(stream, answer));
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a client connection failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -203,6 +223,7 @@ mod tests {
                 }));
             }
         });
+        let metrics = crate::metrics::Metrics::for_tests("n1");
         let handle = CoreHandle {
             events,
             info: Arc::new(NodeInfo {
@@ -211,7 +232,11 @@ mod tests {
                 max_value_bytes: VALUE_BYTES,
                 max_frame_bytes: 2 * VALUE_BYTES,
             }),
-            metrics: crate::metrics::Metrics::for_tests("n1"),
+            metrics: metrics.clone(),
+            connections: crate::connection_limit::ConnectionLimit::new(
+                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+                metrics,
+            ),
         };
         (handle, received)
     }

@@ -72,6 +72,8 @@ pub struct CoreHandle {
     pub info: Arc<NodeInfo>,
     /// The node's counters (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The bound on client connections, shared by every front end.
+    pub connections: crate::connection_limit::ConnectionLimit,
 }
 
 impl CoreHandle {

@@ -168,6 +168,10 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
             max_frame_bytes: config.max_frame_bytes(),
         }),
         metrics: metrics.clone(),
+        connections: crate::connection_limit::ConnectionLimit::new(
+            config.max_connections,
+            metrics.clone(),
+        ),
     };
     tokio::spawn(client_port::accept_loop(
         client_listener,

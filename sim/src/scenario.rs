@@ -365,6 +365,15 @@ pub struct Scenario {
     pub swarm: Option<SwarmSpec>,
 }
 
+/// When a swarm fault starts and ends (in the first 90% of the run, lasting
+/// half a second to a third of the run more) and the node it strikes.
+fn draw_window(rng: &mut ChaCha8Rng, names: &[String], duration: u64) -> (u64, u64, String) {
+    let at = rng.gen_range(0..duration * 9 / 10);
+    let end = (at + rng.gen_range(500..=duration / 3 + 500)).min(duration);
+    let node = names[rng.gen_range(0..names.len())].clone();
+    (at, end, node)
+}
+
 /// A swarm seed's disk failures: in one seed in three, one or two nodes' disks
 /// fail at a random time and the node is restarted on a working disk up to a
 /// third of the run later. Drawn from their own stream, so turning them on adds
@@ -376,9 +385,7 @@ fn disk_failures(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
     }
     let mut steps = Vec::new();
     for _ in 0..rng.gen_range(1..=2) {
-        let at = rng.gen_range(0..duration * 9 / 10);
-        let end = (at + rng.gen_range(500..=duration / 3 + 500)).min(duration);
-        let node = names[rng.gen_range(0..names.len())].clone();
+        let (at, end, node) = draw_window(&mut rng, names, duration);
         steps.push(Step {
             at: Millis(at),
             action: Action::DiskFail { node: node.clone() },
@@ -553,9 +560,7 @@ impl Scenario {
         let mut steps = Vec::new();
         if !kinds.is_empty() {
             for _ in 0..count {
-                let at = rng.gen_range(0..duration * 9 / 10);
-                let end = (at + rng.gen_range(500..=duration / 3 + 500)).min(duration);
-                let node = names[rng.gen_range(0..names.len())].clone();
+                let (at, end, node) = draw_window(&mut rng, &names, duration);
                 match kinds[rng.gen_range(0..kinds.len())] {
                     "crash" => {
                         steps.push(Step {

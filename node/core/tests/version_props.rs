@@ -642,21 +642,21 @@ fn a_context_naming_versions_the_coordinator_never_minted_is_refused() {
     assert_eq!(next.siblings.len(), 1);
 }
 
+/// Two actors: one coordinating, one another node's.
+fn two_actors() -> (Actor, Actor) {
+    let actor = |incarnation| Actor {
+        incarnation,
+        epoch: 1,
+    };
+    (actor(1), actor(2))
+}
+
 #[test]
 fn an_exhausted_counter_is_an_error_not_an_overflow() {
     // A claim stored before contexts were bounded by MAX_COUNTER (it arrived
     // through replication, where nothing checks it): when that actor
     // coordinates a write of the key, it has no counter left.
-    let (me, other) = (
-        Actor {
-            incarnation: 1,
-            epoch: 1,
-        },
-        Actor {
-            incarnation: 2,
-            epoch: 1,
-        },
-    );
+    let (me, other) = two_actors();
     let poisoned = DvvSet {
         context: claiming(other, u64::MAX),
         siblings: Default::default(),
@@ -674,16 +674,7 @@ fn a_context_naming_a_counter_no_node_reaches_is_refused() {
     // The coordinator cannot check another actor's counters, but none comes
     // near MAX_COUNTER: a claim past it would use up that actor's counters for
     // the key, and it could write the key no more.
-    let (me, other) = (
-        Actor {
-            incarnation: 1,
-            epoch: 1,
-        },
-        Actor {
-            incarnation: 2,
-            epoch: 1,
-        },
-    );
+    let (me, other) = two_actors();
     let mut as_dot = Context::default();
     as_dot.dots.insert(Dot {
         actor: other,

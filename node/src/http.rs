@@ -540,6 +540,15 @@ fn parse_quorum(name: &str, value: &str) -> Result<u8, ApiError> {
 
 /// The context from the `X-Dynamo-Context` header; none when absent or empty.
 fn context_from_headers(headers: &HeaderMap) -> Result<Option<Context>, ApiError> {
+    // Two tokens are two contexts: which one the client meant is not ours to
+    // guess (repeated query parameters are refused the same way).
+    let given = headers.get_all(CONTEXT_HEADER).iter().count();
+    if given > 1 {
+        return Err(ApiError::bad_request(format!(
+            "the X-Dynamo-Context header is given {given} times: send one, the token exactly as \
+             a read returned it"
+        )));
+    }
     let Some(value) = headers.get(CONTEXT_HEADER) else {
         return Ok(None);
     };
@@ -1078,6 +1087,32 @@ mod tests {
                 mode: WriteMode::Context,
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_context_header_is_refused_and_nothing_is_written() {
+        let f = fake(|_| {
+            Some(ClientReply::Put {
+                dot: dot(1, 2),
+                context: context_of(&[dot(1, 2)]),
+            })
+        })
+        .await;
+        let token = context_token::encode(&context_of(&[dot(1, 1)]));
+        for method in ["PUT", "DELETE"] {
+            let headers = [
+                ("X-Dynamo-Context", token.as_str()),
+                ("X-Dynamo-Context", "!!"),
+            ];
+            let resp = call(f.addr, method, "/kv/k", &headers, b"v").await;
+            assert_eq!(resp.status, 400, "{method}");
+            assert!(
+                error_of(&resp).contains("given 2 times"),
+                "{method}: {}",
+                error_of(&resp)
+            );
+        }
+        assert!(f.requests().is_empty());
     }
 
     #[tokio::test]

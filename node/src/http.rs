@@ -1089,15 +1089,20 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_repeated_context_header_is_refused_and_nothing_is_written() {
-        let f = fake(|_| {
+    /// A core that answers every write with the dot `(1, 2)`.
+    async fn fake_writes() -> Fake {
+        fake(|_| {
             Some(ClientReply::Put {
                 dot: dot(1, 2),
                 context: context_of(&[dot(1, 2)]),
             })
         })
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_repeated_context_header_is_refused_and_nothing_is_written() {
+        let f = fake_writes().await;
         let token = context_token::encode(&context_of(&[dot(1, 1)]));
         for method in ["PUT", "DELETE"] {
             let headers = [
@@ -1117,13 +1122,7 @@ mod tests {
 
     #[tokio::test]
     async fn delete_writes_a_tombstone() {
-        let f = fake(|_| {
-            Some(ClientReply::Put {
-                dot: dot(1, 2),
-                context: context_of(&[dot(1, 2)]),
-            })
-        })
-        .await;
+        let f = fake_writes().await;
         let token = context_token::encode(&context_of(&[dot(1, 1)]));
         let resp = call(
             f.addr,

@@ -374,6 +374,20 @@ fn draw_window(rng: &mut ChaCha8Rng, names: &[String], duration: u64) -> (u64, u
     (at, end, node)
 }
 
+/// A fault at `at`, and a restart of `node` at `end`.
+fn fault_then_restart(at: u64, end: u64, fault: Action, node: String) -> [Step; 2] {
+    [
+        Step {
+            at: Millis(at),
+            action: fault,
+        },
+        Step {
+            at: Millis(end),
+            action: Action::Restart { node },
+        },
+    ]
+}
+
 /// A swarm seed's disk failures: in one seed in three, one or two nodes' disks
 /// fail at a random time and the node is restarted on a working disk up to a
 /// third of the run later. Drawn from their own stream, so turning them on adds
@@ -386,14 +400,8 @@ fn disk_failures(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
     let mut steps = Vec::new();
     for _ in 0..rng.gen_range(1..=2) {
         let (at, end, node) = draw_window(&mut rng, names, duration);
-        steps.push(Step {
-            at: Millis(at),
-            action: Action::DiskFail { node: node.clone() },
-        });
-        steps.push(Step {
-            at: Millis(end),
-            action: Action::Restart { node },
-        });
+        let fail = Action::DiskFail { node: node.clone() };
+        steps.extend(fault_then_restart(at, end, fail, node));
     }
     steps
 }
@@ -563,14 +571,8 @@ impl Scenario {
                 let (at, end, node) = draw_window(&mut rng, &names, duration);
                 match kinds[rng.gen_range(0..kinds.len())] {
                     "crash" => {
-                        steps.push(Step {
-                            at: Millis(at),
-                            action: Action::Crash { node: node.clone() },
-                        });
-                        steps.push(Step {
-                            at: Millis(end),
-                            action: Action::Restart { node },
-                        });
+                        let crash = Action::Crash { node: node.clone() };
+                        steps.extend(fault_then_restart(at, end, crash, node));
                     }
                     "pause" => {
                         steps.push(Step {

@@ -887,3 +887,150 @@ async fn a_node_whose_storage_fails_reports_it_to_the_server() {
         .expect("the failure was not reported");
     assert!(error.contains("injected fault"), "{error}");
 }
+
+/// Plants raw bytes as the stored value of `key` in `partition`, through fjall
+/// itself, as a damaged disk or another build could leave them.
+#[cfg(not(madsim))]
+fn plant_raw(dir: &std::path::Path, partition: u32, key: &[u8], bytes: &[u8]) {
+    let db = fjall::Database::builder(dir).open().unwrap();
+    let data = db
+        .keyspace("data", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    let mut stored = partition.to_be_bytes().to_vec();
+    stored.extend_from_slice(key);
+    data.insert(stored, bytes).unwrap();
+    db.persist(fjall::PersistMode::SyncData).unwrap();
+}
+
+#[cfg(not(madsim))]
+#[test]
+fn fjall_reports_a_zero_filled_or_overlong_value_as_corrupt() {
+    // A block of zeros (what a torn or lost page often reads back as) and a
+    // good set followed by junk (an appended field of another encoding) must
+    // be refused, not read as an empty set or as the set without its tail.
+    let dir = tempfile::tempdir().unwrap();
+    let mut overlong = postcard::to_allocvec(&set(1)).unwrap();
+    overlong.extend_from_slice(b"junk");
+    plant_raw(dir.path(), 4, b"zeros", &[0u8; 64]);
+    plant_raw(dir.path(), 4, b"overlong", &overlong);
+    let s = dynamo_node::storage::FjallStorage::open(dir.path()).unwrap();
+    for key in [&b"zeros"[..], b"overlong"] {
+        let got = s.get(4, key);
+        assert!(
+            matches!(got, Err(StorageError::CorruptValue { partition: 4, .. })),
+            "{}: {got:?}",
+            key.escape_ascii()
+        );
+    }
+    assert!(s.scan_partition(4, None, 10).is_err());
+}
+
+#[cfg(not(madsim))]
+#[test]
+fn identity_refuses_another_clusters_directory_whose_format_version_is_lost() {
+    // Only the format version entry is lost: the directory still names its
+    // cluster (and holds its data). It must not be adopted by another cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    {
+        let s = dynamo_node::storage::FjallStorage::open(dir.path()).unwrap();
+        open_identity(&s, "prod", &mut rng).unwrap();
+        s.write_batch(&[put(3, b"k", 1)]).unwrap();
+        s.sync().unwrap();
+    }
+    {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        meta.remove("format_version").unwrap();
+        db.persist(fjall::PersistMode::SyncData).unwrap();
+    }
+    let s = dynamo_node::storage::FjallStorage::open(dir.path()).unwrap();
+    let got = open_identity(&s, "staging", &mut rng);
+    assert!(
+        matches!(&got, Err(StorageError::ClusterMismatch { stored, .. }) if stored == "prod"),
+        "{got:?}"
+    );
+}
+
+/// A node over `storage` with `partitions` ring partitions, N = R = W = 1.
+#[cfg(not(madsim))]
+async fn start_node(
+    storage: Arc<MemoryStorage>,
+    partitions: u32,
+) -> anyhow::Result<dynamo_node::runtime::RunningNode> {
+    use dynamo_node::config::{ServerArgs, ServerConfig};
+    use dynamo_node::runtime::{self, Clock, Environment};
+    let args = ServerArgs {
+        node_id: Some("a".into()),
+        peer_addr: Some("127.0.0.1:0".into()),
+        client_addr: Some("127.0.0.1:0".into()),
+        http_addr: Some("off".into()),
+        data_dir: Some("/nonexistent/unused".into()),
+        n: Some(1),
+        r: Some(1),
+        w: Some(1),
+        partitions: Some(partitions),
+        sync: Some("always".into()),
+        ..Default::default()
+    };
+    let config = ServerConfig::resolve(&args).unwrap();
+    runtime::start(
+        &config,
+        Environment {
+            storage,
+            clock: Clock::system(),
+            rng: ChaCha8Rng::seed_from_u64(1),
+            http_addr: None,
+            trace: None,
+        },
+    )
+    .await
+}
+
+/// The system clock and real sockets: not under madsim.
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn a_restart_with_another_partition_count_is_refused_not_a_silent_loss() {
+    use dynamo_proto::{ClientReply, ClientRequest, WriteMode};
+    // Stored keys carry the partition of the ring they were written under;
+    // another Q puts most keys in other partitions, where nothing is stored.
+    let storage = Arc::new(MemoryStorage::new());
+    let node = start_node(storage.clone(), 256).await.unwrap();
+    let keys: Vec<Vec<u8>> = (0..8).map(|i| format!("key-{i}").into_bytes()).collect();
+    for key in &keys {
+        let put = ClientRequest::Put {
+            key: key.clone(),
+            value: Some(b"v".to_vec()),
+            context: None,
+            w: None,
+            mode: WriteMode::Overwrite,
+        };
+        let reply = node.handle.request(put).await;
+        assert!(matches!(reply, ClientReply::Put { .. }), "{reply:?}");
+    }
+    node.shutdown().await.unwrap();
+
+    match start_node(storage.clone(), 64).await {
+        Err(e) => {
+            let text = format!("{e:#}");
+            assert!(text.contains("--partitions"), "{text}");
+        }
+        Ok(node) => {
+            let mut missing = Vec::new();
+            for key in &keys {
+                let get = ClientRequest::Get {
+                    key: key.clone(),
+                    r: None,
+                };
+                match node.handle.request(get).await {
+                    ClientReply::Get(reply) if !reply.siblings.is_empty() => {}
+                    other => missing.push((key.escape_ascii().to_string(), other)),
+                }
+            }
+            node.shutdown().await.unwrap();
+            panic!("started with Q = 64 over a Q = 256 directory; keys read back: {missing:?}");
+        }
+    }
+}

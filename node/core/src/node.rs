@@ -130,6 +130,9 @@ struct PendingGet {
     needed: u8,
     replies: BTreeMap<NodeId, Option<DvvSet>>,
     failed: BTreeSet<NodeId>,
+    /// Why this node could not read its own copy, for the client should the
+    /// get fail (a corrupt stored value names its key and what to do).
+    local_error: Option<String>,
     merged: DvvSet,
     deadline: Millis,
     answered: bool,
@@ -550,6 +553,7 @@ impl Node {
             needed,
             replies: BTreeMap::new(),
             failed: BTreeSet::new(),
+            local_error: None,
             merged: DvvSet::default(),
             deadline,
             answered: false,
@@ -561,6 +565,7 @@ impl Node {
                     Err(e) => {
                         tracing::error!(error = %e, "local read failed");
                         get.failed.insert(p);
+                        get.local_error = Some(e);
                     }
                 }
             } else {
@@ -620,14 +625,26 @@ impl Node {
     /// gets the merged set.
     fn finish_get(&mut self, get: PendingGet) {
         if !get.answered {
-            let reply = ClientReply::Error(ClientError::Quorum {
+            let quorum = ClientError::Quorum {
                 op: "get".into(),
                 write: false,
                 needed: get.needed,
                 replied: get.replies.len() as u8,
                 n: get.primaries.len() as u8,
-            });
-            self.answer(get.origin.clone(), reply);
+            };
+            // A quorum missed because this node's own copy is unreadable is a
+            // storage fault here, not a timeout: say which.
+            let error = match &get.local_error {
+                Some(e) => ClientError::Internal(format!(
+                    "get could not reach its read quorum ({} of {} needed replicas \
+                     replied, of {}): {e}",
+                    get.replies.len(),
+                    get.needed,
+                    get.primaries.len()
+                )),
+                None => quorum,
+            };
+            self.answer(get.origin.clone(), ClientReply::Error(error));
         }
         if get.merged == DvvSet::default() {
             return;

@@ -753,3 +753,25 @@ fn a_context_past_the_entry_limit_is_refused_before_it_is_walked() {
     }
     assert!(values(&expect_get(c.get("n1", b"k", None))).is_empty());
 }
+
+#[test]
+fn a_get_that_fails_on_this_nodes_own_read_says_so() {
+    // One node, N = R = W = 1: its copy of the key cannot be read (a corrupt
+    // stored value). The client must learn that, not that a quorum timed out.
+    let mut c = Cluster::new(1, 1, 1, 1);
+    let key = k("damaged");
+    assert!(matches!(
+        c.put("n1", &key, b"v", None),
+        ClientReply::Put { .. }
+    ));
+    c.node_mut("n1").disk.0.lock().unwrap().fail_reads = true;
+    let reply = c.get("n1", &key, None);
+    let ClientReply::Error(error) = &reply else {
+        panic!("{reply:?}");
+    };
+    let text = error.to_string();
+    assert!(
+        text.contains("injected read failure") && !text.contains("timeout"),
+        "{text}"
+    );
+}

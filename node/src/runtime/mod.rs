@@ -19,8 +19,8 @@ pub use handle::{CoreHandle, NodeInfo};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::storage::{
-    open_identity, spawn_storage_worker, CacheMetrics, CachedStorage, Storage, StorageWorker,
-    StoreReader,
+    check_partitions, open_identity, spawn_storage_worker, CacheMetrics, CachedStorage, Storage,
+    StorageWorker, StoreReader,
 };
 use anyhow::Context as _;
 use dynamo_core::{Member, Node};
@@ -66,6 +66,8 @@ pub type PeerTrace = Arc<dyn Fn(&NodeId, &NodeId, &dynamo_proto::PeerMessage) + 
 /// Opens the node's identity, binds its listeners and starts every task.
 pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Result<RunningNode> {
     let identity = open_identity(env.storage.as_ref(), &config.cluster_id, &mut env.rng)
+        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+    check_partitions(env.storage.as_ref(), config.partitions)
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     let actor = identity.actor();
     // The row cache sits between the engine and both the core's reads and the

@@ -14,9 +14,9 @@
 //! Two rules keep it so while reads (the core task) and writes (the storage
 //! worker's thread) run at once:
 //! - a write batch first marks its keys as changing (it bumps the epoch of
-//!   each key's shard), then applies the batch to the engine, then puts what
-//!   it wrote in the cache; if the batch failed it may or may not have been
-//!   applied, so its keys leave the cache instead;
+//!   each key's shard), then applies the batch to the engine, then bumps the
+//!   epoch again and puts what it wrote in the cache; if the batch failed it
+//!   may or may not have been applied, so its keys leave the cache instead;
 //! - a read that misses notes its key's shard epoch before asking the engine
 //!   and fills the cache only if the epoch is unchanged afterwards (checked
 //!   and filled under the shard's lock), so a value read before a write
@@ -201,6 +201,10 @@ impl super::StorageLayer for CachedStorage {
         let result = self.inner.write_batch(&writes);
         for (stored, write) in keys.into_iter().zip(writes) {
             let mut shard = self.shard(&stored);
+            // Again after applying: a read that missed after the first bump
+            // may have read the engine before the batch applied, and must not
+            // fill its older set over this one.
+            shard.epoch = shard.epoch.wrapping_add(1);
             match &result {
                 // In batch order, so a later write of a key wins, as in the engine.
                 Ok(()) => self.change(&mut shard, |cache| cache.insert(stored, write.set)),
@@ -299,6 +303,83 @@ mod tests {
             1,
             "the write filled it"
         );
+    }
+
+    /// An engine that runs `before_apply` inside a write batch (after the
+    /// cache marked its keys as changing, before the engine applies it) and
+    /// `after_read` inside a read (after the engine answered, before the
+    /// cache fills), as the storage worker's thread and the core task may
+    /// interleave.
+    struct Stalling {
+        engine: MemoryStorage,
+        before_apply: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        after_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl crate::storage::StorageLayer for Stalling {
+        fn inner(&self) -> &dyn Storage {
+            &self.engine
+        }
+        fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
+            let read = self.engine.get(partition, key);
+            let hook = self.after_read.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            read
+        }
+        fn write_batch(&self, writes: &[WriteOp]) -> Result<(), StorageError> {
+            let hook = self.before_apply.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            self.engine.write_batch(writes)
+        }
+    }
+
+    #[test]
+    fn a_read_that_started_while_a_write_was_applying_does_not_fill_the_older_set() {
+        use std::sync::mpsc;
+        let inner = Arc::new(Stalling {
+            engine: MemoryStorage::new(),
+            before_apply: Mutex::new(None),
+            after_read: Mutex::new(None),
+        });
+        inner
+            .engine
+            .write_batch(&[write(b"k", Some(set_of(b"old")))])
+            .unwrap();
+        let metrics = Arc::new(CacheMetrics::default());
+        let cached = CachedStorage::wrap(inner.clone(), 1 << 20, metrics.clone());
+        let (read_done, wait_read) = mpsc::channel::<()>();
+        let (write_done, wait_write) = mpsc::channel::<()>();
+        let (reader_tx, reader_rx) = mpsc::channel();
+        // The reader misses (noting the epoch the write already bumped), reads
+        // "old" from the engine, and fills only after the write has finished.
+        *inner.after_read.lock().unwrap() = Some(Box::new(move || {
+            read_done.send(()).unwrap();
+            wait_write.recv().unwrap();
+        }));
+        let reader_cache = cached.clone();
+        *inner.before_apply.lock().unwrap() = Some(Box::new(move || {
+            let reader = std::thread::spawn(move || reader_cache.get(3, b"k").unwrap());
+            wait_read.recv().unwrap();
+            reader_tx.send(reader).unwrap();
+        }));
+
+        cached
+            .write_batch(&[write(b"k", Some(set_of(b"new")))])
+            .unwrap();
+        write_done.send(()).unwrap();
+        let reader = reader_rx.recv().unwrap();
+        // The read ran before the write applied: "old" was the right answer then.
+        assert_eq!(reader.join().unwrap(), Some(set_of(b"old")));
+        assert_eq!(
+            cached.get(3, b"k").unwrap(),
+            Some(set_of(b"new")),
+            "the cache kept the set the write replaced"
+        );
+        assert_eq!(inner.engine.get(3, b"k").unwrap(), Some(set_of(b"new")));
     }
 
     /// A memory engine behind a 1 MiB cache, "a" written through the cache.

@@ -20,6 +20,7 @@ const META_FORMAT_VERSION: &str = "format_version";
 const META_CLUSTER_ID: &str = "cluster_id";
 const META_INCARNATION: &str = "incarnation";
 const META_EPOCH: &str = "epoch";
+const META_PARTITIONS: &str = "partitions";
 
 /// Who this node is for this start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +54,17 @@ pub fn open_identity(
     rng: &mut impl RngCore,
 ) -> Result<NodeIdentity, StorageError> {
     let Some(version) = storage.get_meta(META_FORMAT_VERSION)? else {
+        // A half-initialised directory was being made for this cluster; one
+        // that names another cluster lost its format version and holds that
+        // cluster's data, which must not be adopted.
+        if let Some(stored) = storage.get_meta(META_CLUSTER_ID)? {
+            if stored != cluster_id.as_bytes() {
+                return Err(StorageError::ClusterMismatch {
+                    stored: String::from_utf8_lossy(&stored).into_owned(),
+                    configured: cluster_id.to_string(),
+                });
+            }
+        }
         return initialise(storage, cluster_id, rng);
     };
     let found = u32::from_be_bytes(fixed(META_FORMAT_VERSION, &version)?);
@@ -106,6 +118,27 @@ fn initialise(
     storage.put_meta(META_EPOCH, &identity.epoch.to_be_bytes())?;
     storage.put_meta(META_FORMAT_VERSION, &STORAGE_FORMAT_VERSION.to_be_bytes())?;
     Ok(identity)
+}
+
+/// Records the ring's partition count in a data directory that has none, and
+/// refuses one recorded with another count: stored keys are grouped by the
+/// partition they hash to under that count, so under another one nearly every
+/// key would be looked for where it is not, and read as absent.
+pub fn check_partitions(storage: &dyn Storage, partitions: u32) -> Result<(), StorageError> {
+    match storage.get_meta(META_PARTITIONS)? {
+        None => storage.put_meta(META_PARTITIONS, &partitions.to_be_bytes()),
+        Some(bytes) => {
+            let stored = u32::from_be_bytes(fixed(META_PARTITIONS, &bytes)?);
+            if stored == partitions {
+                Ok(())
+            } else {
+                Err(StorageError::PartitionsMismatch {
+                    stored,
+                    configured: partitions,
+                })
+            }
+        }
+    }
 }
 
 fn required(storage: &dyn Storage, name: &str) -> Result<Vec<u8>, StorageError> {

@@ -29,7 +29,7 @@ pub mod worker;
 #[cfg(not(madsim))]
 pub use self::fjall::FjallStorage;
 pub use cache::{CacheMetrics, CachedStorage};
-pub use datadir::{open_identity, NodeIdentity, STORAGE_FORMAT_VERSION};
+pub use datadir::{check_partitions, open_identity, NodeIdentity, STORAGE_FORMAT_VERSION};
 pub use memory::MemoryStorage;
 pub use sync_policy::{ParseSyncPolicyError, SyncPolicy};
 pub use worker::{spawn_storage_worker, PersistRequest, Persisted, StorageWorker};
@@ -211,6 +211,14 @@ pub enum StorageError {
     )]
     ClusterMismatch { stored: String, configured: String },
 
+    /// The data directory was written under another ring partition count.
+    #[error(
+        "data directory was written with --partitions {stored}, this node is configured \
+         with {configured}: the partition count is fixed when a cluster is created; set \
+         --partitions {stored} or point --data-dir at an empty directory"
+    )]
+    PartitionsMismatch { stored: u32, configured: u32 },
+
     /// The group-commit worker has stopped; the write was not applied.
     #[error("storage worker has stopped; the write was not applied")]
     WorkerStopped,
@@ -303,12 +311,24 @@ pub(crate) fn encode_set(
     })
 }
 
+/// Decodes a stored set. Bytes left over after it are corruption too (as on
+/// the wire): a zero-filled block would otherwise read as an empty set, and a
+/// value of another encoding as a set missing its tail.
 pub(crate) fn decode_set(partition: u32, key: &[u8], bytes: &[u8]) -> Result<DvvSet, StorageError> {
-    postcard::from_bytes(bytes).map_err(|e| StorageError::CorruptValue {
+    let corrupt = |detail: String| StorageError::CorruptValue {
         partition,
         key: display_key(key),
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    let (set, rest) = postcard::take_from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(corrupt(format!(
+            "{} unused bytes after the set's {}",
+            rest.len(),
+            bytes.len() - rest.len()
+        )));
+    }
+    Ok(set)
 }
 
 #[cfg(test)]

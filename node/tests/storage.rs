@@ -836,36 +836,10 @@ async fn the_first_failed_write_or_sync_is_published_for_the_server_to_stop_on()
 #[cfg(not(madsim))]
 #[tokio::test]
 async fn a_node_whose_storage_fails_reports_it_to_the_server() {
-    use dynamo_node::config::{ServerArgs, ServerConfig};
-    use dynamo_node::runtime::{self, Clock, Environment};
     use dynamo_proto::{ClientReply, ClientRequest, WriteMode};
 
-    let args = ServerArgs {
-        node_id: Some("a".into()),
-        peer_addr: Some("127.0.0.1:0".into()),
-        client_addr: Some("127.0.0.1:0".into()),
-        http_addr: Some("off".into()),
-        data_dir: Some("/nonexistent/unused".into()),
-        n: Some(1),
-        r: Some(1),
-        w: Some(1),
-        sync: Some("always".into()),
-        ..Default::default()
-    };
-    let config = ServerConfig::resolve(&args).unwrap();
     let storage = Arc::new(MemoryStorage::new());
-    let node = runtime::start(
-        &config,
-        Environment {
-            storage: storage.clone(),
-            clock: Clock::system(),
-            rng: ChaCha8Rng::seed_from_u64(1),
-            http_addr: None,
-            trace: None,
-        },
-    )
-    .await
-    .unwrap();
+    let node = start_node(storage.clone(), 256).await.unwrap();
     let put = |value: &str| ClientRequest::Put {
         key: b"k".to_vec(),
         value: Some(value.as_bytes().to_vec()),

@@ -251,60 +251,6 @@ mod tests {
         }
     }
 
-    /// An engine whose next `get` runs `hook` after reading, as a write on
-    /// another thread may run between a miss's read and its fill.
-    struct Interleaving {
-        engine: MemoryStorage,
-        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    }
-
-    impl crate::storage::StorageLayer for Interleaving {
-        fn inner(&self) -> &dyn Storage {
-            &self.engine
-        }
-        fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
-            let read = self.engine.get(partition, key);
-            let hook = self.hook.lock().unwrap().take();
-            if let Some(hook) = hook {
-                hook();
-            }
-            read
-        }
-    }
-
-    #[test]
-    fn a_read_that_raced_a_write_does_not_fill_the_cache_with_the_older_set() {
-        let inner = Arc::new(Interleaving {
-            engine: MemoryStorage::new(),
-            hook: Mutex::new(None),
-        });
-        inner
-            .engine
-            .write_batch(&[write(b"k", Some(set_of(b"old")))])
-            .unwrap();
-        let metrics = Arc::new(CacheMetrics::default());
-        let cached = CachedStorage::wrap(inner.clone(), 1 << 20, metrics.clone());
-        let writer: Arc<OnceLock<Arc<dyn Storage>>> = Arc::new(OnceLock::new());
-        writer.set(cached.clone()).ok().unwrap();
-        let hook_writer = writer.clone();
-        *inner.hook.lock().unwrap() = Some(Box::new(move || {
-            let cached = hook_writer.get().unwrap();
-            cached
-                .write_batch(&[write(b"k", Some(set_of(b"new")))])
-                .unwrap();
-        }));
-
-        // The miss read "old"; the write ran before the fill and won.
-        assert_eq!(cached.get(3, b"k").unwrap(), Some(set_of(b"old")));
-        assert_eq!(metrics.fills_skipped.load(Ordering::Relaxed), 1);
-        assert_eq!(cached.get(3, b"k").unwrap(), Some(set_of(b"new")));
-        assert_eq!(
-            metrics.hits.load(Ordering::Relaxed),
-            1,
-            "the write filled it"
-        );
-    }
-
     /// An engine that runs `before_apply` inside a write batch (after the
     /// cache marked its keys as changing, before the engine applies it) and
     /// `after_read` inside a read (after the engine answered, before the
@@ -314,6 +260,16 @@ mod tests {
         engine: MemoryStorage,
         before_apply: Mutex<Option<Box<dyn FnOnce() + Send>>>,
         after_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl Stalling {
+        fn new() -> Stalling {
+            Stalling {
+                engine: MemoryStorage::new(),
+                before_apply: Mutex::new(None),
+                after_read: Mutex::new(None),
+            }
+        }
     }
 
     impl crate::storage::StorageLayer for Stalling {
@@ -337,20 +293,46 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_that_started_while_a_write_was_applying_does_not_fill_the_older_set() {
-        use std::sync::mpsc;
-        let inner = Arc::new(Stalling {
-            engine: MemoryStorage::new(),
-            before_apply: Mutex::new(None),
-            after_read: Mutex::new(None),
-        });
+    /// A [`Stalling`] engine holding "old" for `k`, behind a 1 MiB cache.
+    fn stalling_cache_holding_old() -> (Arc<Stalling>, Arc<CacheMetrics>, Arc<dyn Storage>) {
+        let inner = Arc::new(Stalling::new());
         inner
             .engine
             .write_batch(&[write(b"k", Some(set_of(b"old")))])
             .unwrap();
         let metrics = Arc::new(CacheMetrics::default());
         let cached = CachedStorage::wrap(inner.clone(), 1 << 20, metrics.clone());
+        (inner, metrics, cached)
+    }
+
+    #[test]
+    fn a_read_that_raced_a_write_does_not_fill_the_cache_with_the_older_set() {
+        let (inner, metrics, cached) = stalling_cache_holding_old();
+        let writer: Arc<OnceLock<Arc<dyn Storage>>> = Arc::new(OnceLock::new());
+        writer.set(cached.clone()).ok().unwrap();
+        let hook_writer = writer.clone();
+        *inner.after_read.lock().unwrap() = Some(Box::new(move || {
+            let cached = hook_writer.get().unwrap();
+            cached
+                .write_batch(&[write(b"k", Some(set_of(b"new")))])
+                .unwrap();
+        }));
+
+        // The miss read "old"; the write ran before the fill and won.
+        assert_eq!(cached.get(3, b"k").unwrap(), Some(set_of(b"old")));
+        assert_eq!(metrics.fills_skipped.load(Ordering::Relaxed), 1);
+        assert_eq!(cached.get(3, b"k").unwrap(), Some(set_of(b"new")));
+        assert_eq!(
+            metrics.hits.load(Ordering::Relaxed),
+            1,
+            "the write filled it"
+        );
+    }
+
+    #[test]
+    fn a_read_that_started_while_a_write_was_applying_does_not_fill_the_older_set() {
+        use std::sync::mpsc;
+        let (inner, _, cached) = stalling_cache_holding_old();
         let (read_done, wait_read) = mpsc::channel::<()>();
         let (write_done, wait_write) = mpsc::channel::<()>();
         let (reader_tx, reader_rx) = mpsc::channel();

@@ -605,21 +605,15 @@ mod tests {
                 });
             }
         });
-        let metrics = crate::metrics::Metrics::for_tests("n1");
-        let handle = CoreHandle {
+        let handle = CoreHandle::for_tests(
             events,
-            info: Arc::new(NodeInfo {
+            NodeInfo {
                 node_id: "n1".into(),
                 max_key_bytes: 64,
                 max_value_bytes: 1024,
                 max_frame_bytes: 1 << 20,
-            }),
-            metrics: metrics.clone(),
-            connections: crate::connection_limit::ConnectionLimit::new(
-                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
-                metrics,
-            ),
-        };
+            },
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

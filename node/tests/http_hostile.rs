@@ -25,6 +25,13 @@ fn status_and_body(raw: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// A raw connection to node 0's HTTP port that has sent `bytes`.
+fn send_raw(c: &Cluster, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(c.http_addr(0)).unwrap();
+    stream.write_all(bytes).unwrap();
+    stream
+}
+
 #[test]
 fn a_405_names_the_methods_the_path_allows() {
     let c = Cluster::start(1, &[]);
@@ -53,11 +60,10 @@ fn a_405_names_the_methods_the_path_allows() {
 fn a_put_whose_body_stalls_is_answered_408_and_closed() {
     let c = Cluster::start(1, &[]);
     // The head promises a 1,000,000-byte value; most of it comes, then nothing.
-    let mut stalled = TcpStream::connect(c.http_addr(0)).unwrap();
-    stalled
-        .write_all(b"PUT /kv/stalled HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n")
-        .unwrap();
-    stalled.write_all(&[b'v'; 900_000]).unwrap();
+    let mut head =
+        b"PUT /kv/stalled HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n".to_vec();
+    head.extend_from_slice(&[b'v'; 900_000]);
+    let mut stalled = send_raw(&c, &head);
     let start = Instant::now();
     let deadline = dynamo_node::http::BODY_READ_TIMEOUT + SLACK;
     let (raw, closed) = read_until_closed(&mut stalled, deadline);
@@ -81,12 +87,9 @@ fn a_put_whose_body_stalls_is_answered_408_and_closed() {
 #[test]
 fn a_stalled_request_head_is_closed() {
     let c = Cluster::start(1, &[]);
-    let mut partial = TcpStream::connect(c.http_addr(0)).unwrap();
-    partial
-        .write_all(b"GET /kv/k HTTP/1.1\r\nhost: x\r\nx-slow: ")
-        .unwrap();
-    let mut silent = TcpStream::connect(c.http_addr(0)).unwrap();
-    let deadline = Duration::from_secs(30) + SLACK;
+    let mut partial = send_raw(&c, b"GET /kv/k HTTP/1.1\r\nhost: x\r\nx-slow: ");
+    let mut silent = send_raw(&c, b"");
+    let deadline = dynamo_node::http::HEADER_READ_TIMEOUT + SLACK;
     let (_, closed) = read_until_closed(&mut partial, deadline);
     assert!(closed, "a half-sent request head is held past {deadline:?}");
     let (_, closed) = read_until_closed(&mut silent, SLACK);
@@ -103,10 +106,10 @@ fn a_client_that_reads_no_answer_is_dropped() {
     // 40 pipelined reads of 1 MiB: far more than the sockets' buffers hold,
     // so the node's writes stop making progress.
     const READS: usize = 40;
-    let mut reader = TcpStream::connect(c.http_addr(0)).unwrap();
-    reader
-        .write_all(&b"GET /kv/big HTTP/1.1\r\nhost: x\r\n\r\n".repeat(READS))
-        .unwrap();
+    let mut reader = send_raw(
+        &c,
+        &b"GET /kv/big HTTP/1.1\r\nhost: x\r\n\r\n".repeat(READS),
+    );
     std::thread::sleep(dynamo_node::http::WRITE_STALL_TIMEOUT + Duration::from_secs(5));
     // Now read: what the sockets held arrives, then the end of the connection,
     // not every answer.

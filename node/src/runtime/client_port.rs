@@ -223,21 +223,15 @@ mod tests {
                 }));
             }
         });
-        let metrics = crate::metrics::Metrics::for_tests("n1");
-        let handle = CoreHandle {
+        let handle = CoreHandle::for_tests(
             events,
-            info: Arc::new(NodeInfo {
+            NodeInfo {
                 node_id: "n1".into(),
                 max_key_bytes: 64,
                 max_value_bytes: VALUE_BYTES,
                 max_frame_bytes: 2 * VALUE_BYTES,
-            }),
-            metrics: metrics.clone(),
-            connections: crate::connection_limit::ConnectionLimit::new(
-                crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
-                metrics,
-            ),
-        };
+            },
+        );
         (handle, received)
     }
 

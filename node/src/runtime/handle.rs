@@ -77,6 +77,36 @@ pub struct CoreHandle {
 }
 
 impl CoreHandle {
+    pub(crate) fn new(
+        events: mpsc::UnboundedSender<Event>,
+        info: NodeInfo,
+        metrics: Arc<crate::metrics::Metrics>,
+        max_connections: usize,
+    ) -> CoreHandle {
+        CoreHandle {
+            events,
+            info: Arc::new(info),
+            connections: crate::connection_limit::ConnectionLimit::new(
+                max_connections,
+                metrics.clone(),
+            ),
+            metrics,
+        }
+    }
+
+    /// A handle for front-end tests: `events` go to a fake core; the metrics
+    /// are its own and the connection bound the default.
+    #[cfg(test)]
+    pub(crate) fn for_tests(events: mpsc::UnboundedSender<Event>, info: NodeInfo) -> CoreHandle {
+        let metrics = crate::metrics::Metrics::for_tests(&info.node_id);
+        CoreHandle::new(
+            events,
+            info,
+            metrics,
+            crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+        )
+    }
+
     /// Submits a request and waits for the core's answer. Requests carry their
     /// own timeout inside the core, so this always resolves; if the node is
     /// shutting down it resolves at once with `Unavailable`.

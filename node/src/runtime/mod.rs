@@ -161,20 +161,17 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
         shutdown_rx.clone(),
     ));
 
-    let handle = CoreHandle {
-        events: events_tx,
-        info: Arc::new(NodeInfo {
+    let handle = CoreHandle::new(
+        events_tx,
+        NodeInfo {
             node_id: config.node_id.clone(),
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
             max_frame_bytes: config.max_frame_bytes(),
-        }),
-        metrics: metrics.clone(),
-        connections: crate::connection_limit::ConnectionLimit::new(
-            config.max_connections,
-            metrics.clone(),
-        ),
-    };
+        },
+        metrics.clone(),
+        config.max_connections,
+    );
     tokio::spawn(client_port::accept_loop(
         client_listener,
         handle.clone(),

@@ -185,9 +185,15 @@ fn fit_connections(configured: usize) -> (usize, Option<String>) {
             }
         }
     }
-    let Some(files) = limit.current else {
-        return (configured, None);
-    };
+    match limit.current {
+        Some(files) => connections_room(configured, files),
+        None => (configured, None),
+    }
+}
+
+/// The client connections (at most `configured`) that an open-files limit of
+/// `files` allows while keeping [`RESERVED_FDS`] (or half) for the rest.
+fn connections_room(configured: usize, files: u64) -> (usize, Option<String>) {
     let room = files.saturating_sub(RESERVED_FDS.min(files / 2)).max(1);
     match usize::try_from(room) {
         Ok(room) if room < configured => (
@@ -199,5 +205,26 @@ fn fit_connections(configured: usize) -> (usize, Option<String>) {
             )),
         ),
         _ => (configured, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connections_room;
+
+    #[test]
+    fn the_connection_bound_leaves_descriptors_for_peers_and_storage() {
+        // Room enough: the bound stands.
+        assert_eq!(connections_room(4096, 20_000), (4096, None));
+        assert_eq!(connections_room(4096, 5120), (4096, None));
+        // 1024 kept: lowered, with a warning saying why.
+        let (n, warning) = connections_room(4096, 4096);
+        assert_eq!(n, 3072);
+        let warning = warning.expect("a warning");
+        assert!(warning.contains("lowered to 3072"), "{warning}");
+        assert!(warning.contains("ulimit -n"), "{warning}");
+        // A small limit keeps half.
+        assert_eq!(connections_room(4096, 1024).0, 512);
+        assert_eq!(connections_room(4096, 1).0, 1);
     }
 }

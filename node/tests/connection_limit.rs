@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{read_until_closed, Cluster};
+use common::{free_ports, read_until_closed, Cluster};
 use dynamo_proto::{ClientError, ClientReply, ClientReplyEnvelope, FrameCodec};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -58,7 +58,11 @@ fn metric(stream: &mut TcpStream, name: &str) -> u64 {
 
 #[test]
 fn connections_past_the_bound_are_told_so_and_closed() {
-    let c = Cluster::start(1, &["--max-connections", "2"]);
+    let resp_port = free_ports(1)[0];
+    let resp_addr = format!("127.0.0.1:{resp_port}");
+    let c = Cluster::start_with(1, &["--max-connections", "2"], move |_| {
+        vec!["--resp-addr".into(), resp_addr.clone()]
+    });
     // Two connections held open: one HTTP, one on the binary port.
     let mut held_http = TcpStream::connect(c.http_addr(0)).unwrap();
     let held_binary = TcpStream::connect(c.client_addr(0)).unwrap();
@@ -86,9 +90,17 @@ fn connections_past_the_bound_are_told_so_and_closed() {
         other => panic!("{other:?}"),
     }
 
+    let mut resp = TcpStream::connect(("127.0.0.1", resp_port)).unwrap();
+    let (raw, closed) = read_until_closed(&mut resp, Duration::from_secs(10));
+    assert!(closed);
+    assert_eq!(raw, b"-ERR max number of clients reached\r\n");
+
     // The held connections still work; once one closes, its place is free.
     assert_eq!(get_on(&mut held_http, "/kv/k").0, 404);
-    assert!(metric(&mut held_http, "dynamo_client_connections_refused_total") >= 2);
+    assert_eq!(
+        metric(&mut held_http, "dynamo_client_connections_refused_total"),
+        3
+    );
     drop(held_binary);
     eventually("the closed connection's place is freed", || {
         metric(&mut held_http, "dynamo_client_connections") == 1

@@ -41,13 +41,15 @@ pub struct CheckParams {
 }
 
 /// The cluster's fault state over `[from_ms, to_ms)`: which nodes are down
-/// (crashed or paused) and whether the network was clean (no partition, no loss,
-/// latency under a quarter of the request timeout).
+/// (crashed, paused or with a failed disk), which have a stalled disk (up,
+/// but they can make no write durable), and whether the network was clean (no
+/// partition, no loss, latency under a quarter of the request timeout).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultWindow {
     pub from_ms: u64,
     pub to_ms: u64,
     pub down: BTreeSet<String>,
+    pub stalled: BTreeSet<String>,
     pub network_clean: bool,
 }
 
@@ -1011,9 +1013,14 @@ fn availability_in(ix: &Index) -> Verdict {
         let Some(primaries) = ix.final_state.primaries.get(key) else {
             continue;
         };
+        // A primary whose disk stalls makes no write durable, so it cannot
+        // count towards W; reads it answers as ever.
+        let unable = |node: &String| {
+            window.down.contains(node) || (op.kind.is_write() && window.stalled.contains(node))
+        };
         let down: Vec<&str> = primaries
             .iter()
-            .filter(|node| window.down.contains(*node))
+            .filter(|node| unable(node))
             .map(String::as_str)
             .collect();
         let (quorum, name) = if op.kind.is_write() {
@@ -1025,17 +1032,18 @@ fn availability_in(ix: &Index) -> Verdict {
         if down.len() > tolerated {
             continue;
         }
-        let down_nodes: Vec<&str> = window.down.iter().map(String::as_str).collect();
+        let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
         return liveness(format!(
             "{}: {} failed although invoked {}ms into a clean fault window [{}ms, {}ms) with \
-             nodes down [{}], its node up, and {} of its primaries [{}] down (N - {name} = {} - \
-             {} = {tolerated} tolerated)",
+             nodes down [{}] and disks stalled [{}], its node up, and {} of its primaries [{}] \
+             unable to take part (N - {name} = {} - {} = {tolerated} tolerated)",
             show_key(key),
             show_op(op),
             op.invoked_ms - window.from_ms,
             window.from_ms,
             window.to_ms,
-            down_nodes.join(", "),
+            names(&window.down),
+            names(&window.stalled),
             down.len(),
             primaries.join(", "),
             p.n,
@@ -1358,6 +1366,7 @@ mod tests {
             from_ms: 0,
             to_ms: 100,
             down: BTreeSet::new(),
+            stalled: BTreeSet::new(),
             network_clean: true,
         };
         let no_crash = CheckParams {
@@ -1735,12 +1744,14 @@ mod tests {
                 from_ms: 0,
                 to_ms: 10_000,
                 down: ["n1".to_string(), "n2".to_string()].into(),
+                stalled: BTreeSet::new(),
                 network_clean: true,
             },
             FaultWindow {
                 from_ms: 10_000,
                 to_ms: 30_000,
                 down: ["n3".to_string()].into(),
+                stalled: BTreeSet::new(),
                 network_clean: true,
             },
         ]
@@ -1823,6 +1834,18 @@ mod tests {
             h.put("v", None, (20_000, None), Outcome::Pending).to("n1");
         };
         assert_eq!(judge(pending, windows()), Verdict::Pass);
+        // In the second window n3 is down; with n2's disk stalled too, W = 2
+        // cannot be met, but a read with R = 2 still can.
+        let mut stalled = windows();
+        stalled[1].stalled.insert("n2".into());
+        assert_eq!(
+            judge(timed_out_put(20_000, "n1"), stalled.clone()),
+            Verdict::Pass
+        );
+        let get = |h: &mut Builder| {
+            h.get((20_000, Some(21_000)), Outcome::TimedOut).to("n1");
+        };
+        assert!(is_failure(judge(get, stalled)));
         // Without fault windows the checker does not run.
         assert!(matches!(
             judge(timed_out_put(20_000, "n1"), Vec::new()),
@@ -1921,6 +1944,7 @@ mod tests {
                 from_ms: 0,
                 to_ms: 100_000,
                 down: BTreeSet::new(),
+                stalled: BTreeSet::new(),
                 network_clean: true,
             }],
             ..params()

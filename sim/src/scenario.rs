@@ -232,6 +232,13 @@ pub enum Action {
     DiskFail {
         node: String,
     },
+    /// The node's disk stalls for `duration`: every sync that starts meanwhile
+    /// finishes only after the stall (a gray failure; writes, reads and the
+    /// node itself go on). What the stall holds back is volatile until then.
+    DiskStall {
+        node: String,
+        duration: Millis,
+    },
     /// Freeze the node (its tasks stop; its sockets stay open).
     Pause {
         node: String,
@@ -290,6 +297,7 @@ impl Action {
             Action::Crash { .. } => "crash",
             Action::Restart { .. } => "restart",
             Action::DiskFail { .. } => "disk_fail",
+            Action::DiskStall { .. } => "disk_stall",
             Action::Pause { .. } => "pause",
             Action::Resume { .. } => "resume",
             Action::Partition { .. } => "partition",
@@ -322,6 +330,8 @@ pub struct SwarmSpec {
     /// Also fail disks (`disk_fail`, then a `restart`), drawn from a stream of
     /// their own so the other draws of a seed stay as they were without it.
     pub disk_fail: bool,
+    /// Also stall disks (`disk_stall`), likewise from a stream of their own.
+    pub disk_stall: bool,
     pub max_loss: f64,
     pub max_latency: Millis,
     pub max_skew: Millis,
@@ -342,6 +352,7 @@ impl Default for SwarmSpec {
             // Off unless a file asks: a swarm file written before disk
             // failures keeps meaning what it did.
             disk_fail: false,
+            disk_stall: false,
             max_loss: 0.2,
             max_latency: Millis(100),
             max_skew: Millis(2_000),
@@ -404,6 +415,28 @@ fn disk_failures(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
         steps.extend(fault_then_restart(at, end, fail, node));
     }
     steps
+}
+
+/// A swarm seed's disk stalls: in one seed in three, one to three stalls of
+/// half a second to a third of the run, on random nodes at random times. Drawn
+/// from a stream of their own, as disk failures are.
+fn disk_stalls(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a11_ed15);
+    if !rng.gen_bool(1.0 / 3.0) {
+        return Vec::new();
+    }
+    (0..rng.gen_range(1..=3))
+        .map(|_| {
+            let (at, end, node) = draw_window(&mut rng, names, duration);
+            Step {
+                at: Millis(at),
+                action: Action::DiskStall {
+                    node,
+                    duration: Millis(end - at),
+                },
+            }
+        })
+        .collect()
 }
 
 /// The scenario used when none is given: five nodes, crashes, a partition.
@@ -501,6 +534,13 @@ impl Scenario {
                 }
                 Action::Latency { min, max } => {
                     anyhow::ensure!(min <= max && min.0 >= 1, "latency is min..max, min >= 1ms")
+                }
+                Action::DiskStall { node, duration } => {
+                    known(node)?;
+                    anyhow::ensure!(
+                        duration.0 >= 1,
+                        "disk_stall needs a duration of at least 1ms"
+                    );
                 }
                 Action::Heal => {}
                 Action::Join { .. } | Action::Leave { .. } | Action::Remove { .. } => {
@@ -653,6 +693,9 @@ impl Scenario {
         if swarm.disk_fail {
             steps.extend(disk_failures(seed, &names, duration));
         }
+        if swarm.disk_stall {
+            steps.extend(disk_stalls(seed, &names, duration));
+        }
         steps.sort_by_key(|s| s.at);
         s.steps = steps;
         s
@@ -705,27 +748,34 @@ mod tests {
         assert!(distinct.len() > 15);
     }
 
+    /// Resolves 60 seeds of the swarm with and without `flag` turned on,
+    /// checks that turning it on changes no other draw (cluster, workload, the
+    /// other steps) and returns, per seed, the steps it added.
+    fn steps_added_by(flag: &str) -> Vec<(u64, Vec<Step>)> {
+        let off = Scenario::parse("name = \"swarm\"\n[swarm]\n").unwrap();
+        let on = Scenario::parse(&format!("name = \"swarm\"\n[swarm]\n{flag} = true\n")).unwrap();
+        (0..60)
+            .map(|seed| {
+                let (a, b) = (off.resolve(seed), on.resolve(seed));
+                assert_eq!(a.cluster, b.cluster, "seed {seed}");
+                assert_eq!(a.workload, b.workload, "seed {seed}");
+                let (added, rest): (Vec<Step>, Vec<Step>) =
+                    b.steps.into_iter().partition(|s| !a.steps.contains(s));
+                assert_eq!(rest, a.steps, "seed {seed}: a draw of the rest changed");
+                (seed, added)
+            })
+            .collect()
+    }
+
     #[test]
     fn swarm_disk_failures_add_steps_and_change_no_other_draw() {
-        let off = Scenario::parse("name = \"swarm\"\n[swarm]\n").unwrap();
-        let on = Scenario::parse("name = \"swarm\"\n[swarm]\ndisk_fail = true\n").unwrap();
-        let mut seeds_with_failures = 0;
-        for seed in 0..60 {
-            let (a, b) = (off.resolve(seed), on.resolve(seed));
-            assert_eq!(a.cluster, b.cluster, "seed {seed}");
-            assert_eq!(a.workload, b.workload, "seed {seed}");
-            let (failing, rest): (Vec<&Step>, Vec<&Step>) =
-                b.steps.iter().partition(|s| !a.steps.contains(s));
-            assert_eq!(
-                rest.len(),
-                a.steps.len(),
-                "seed {seed}: a draw of the rest changed"
-            );
+        let added = steps_added_by("disk_fail");
+        for (seed, failing) in &added {
             assert!(
                 failing.len() % 2 == 0 && failing.len() <= 4,
                 "seed {seed}: {failing:?}"
             );
-            for fail in &failing {
+            for fail in failing {
                 let Action::DiskFail { node } = &fail.action else {
                     continue;
                 };
@@ -734,15 +784,30 @@ mod tests {
                     .any(|s| s.at >= fail.at && s.action == Action::Restart { node: node.clone() });
                 assert!(replaced, "seed {seed}: {node}'s disk is never replaced");
             }
-            assert!(a
-                .steps
-                .iter()
-                .all(|s| !matches!(s.action, Action::DiskFail { .. })));
-            seeds_with_failures += usize::from(!failing.is_empty());
         }
+        let seeds_with_failures = added.iter().filter(|(_, a)| !a.is_empty()).count();
         assert!(
             (10..=35).contains(&seeds_with_failures),
             "{seeds_with_failures} of 60"
+        );
+    }
+
+    #[test]
+    fn swarm_disk_stalls_add_steps_and_change_no_other_draw() {
+        let added = steps_added_by("disk_stall");
+        for (seed, stalls) in &added {
+            assert!(stalls.len() <= 3, "seed {seed}: {stalls:?}");
+            for stall in stalls {
+                let Action::DiskStall { duration, .. } = &stall.action else {
+                    panic!("seed {seed}: not a stall: {stall:?}");
+                };
+                assert!(duration.0 >= 1, "seed {seed}: {stall:?}");
+            }
+        }
+        let seeds_with_stalls = added.iter().filter(|(_, a)| !a.is_empty()).count();
+        assert!(
+            (10..=35).contains(&seeds_with_stalls),
+            "{seeds_with_stalls} of 60"
         );
     }
 

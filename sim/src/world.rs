@@ -62,6 +62,8 @@ pub struct World {
     partitioned: bool,
     windows: Vec<FaultWindow>,
     window_start_ms: u64,
+    /// Disk stalls: the node's name and `[from_ms, to_ms)`.
+    stalls: Vec<(String, u64, u64)>,
     pub faults_injected: usize,
     start: madsim::time::Instant,
     /// Nodes (by index) whose disk failed, asking to be stopped.
@@ -196,6 +198,7 @@ impl World {
             partitioned: false,
             windows: Vec::new(),
             window_start_ms: 0,
+            stalls: Vec::new(),
             faults_injected: 0,
             start: madsim::time::Instant::now(),
             failed_disks: failed_disks_rx,
@@ -254,6 +257,17 @@ impl World {
                     self.nodes[i].storage.set_failing(true);
                     self.nodes[i].disk_failed = true;
                 }
+            }
+            Action::DiskStall { node, duration } => {
+                let i = self.index(node);
+                let now = self.elapsed_ms();
+                self.stalls
+                    .push((node.clone(), now, now.saturating_add(duration.0)));
+                // The disk stalls whether or not its node is up; a node
+                // restarted meanwhile finds it still stalled.
+                self.nodes[i]
+                    .storage
+                    .stall_syncs(Duration::from_millis(duration.0));
             }
             Action::Restart { node } => {
                 let i = self.index(node);
@@ -412,11 +426,35 @@ impl World {
     /// before the state changes.
     fn mark_change(&mut self) {
         let now = self.elapsed_ms();
-        self.windows
-            .push(self.current_window(self.window_start_ms, now));
+        let closed = self.windows_until(now);
+        self.windows.extend(closed);
         self.window_start_ms = now;
     }
 
+    /// The windows of the fault state that holds since the last change, up to
+    /// `to_ms`: one, or more where disk stalls end meanwhile (a stall ends
+    /// without a step).
+    fn windows_until(&self, to_ms: u64) -> Vec<FaultWindow> {
+        let from_ms = self.window_start_ms;
+        let mut cuts: Vec<u64> = self
+            .stalls
+            .iter()
+            .map(|&(_, _, end)| end)
+            .filter(|&end| from_ms < end && end < to_ms)
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let bounds: Vec<u64> = std::iter::once(from_ms)
+            .chain(cuts)
+            .chain(std::iter::once(to_ms))
+            .collect();
+        bounds
+            .windows(2)
+            .map(|w| self.current_window(w[0], w[1]))
+            .collect()
+    }
+
+    /// The window `[from_ms, to_ms)` in the fault state that holds now.
     fn current_window(&self, from_ms: u64, to_ms: u64) -> FaultWindow {
         let timeout = self.scenario.cluster.request_timeout.0;
         FaultWindow {
@@ -428,6 +466,12 @@ impl World {
                 .filter(|n| n.crashed || n.paused || n.disk_failed)
                 .map(|n| n.name.clone())
                 .collect(),
+            stalled: self
+                .stalls
+                .iter()
+                .filter(|&&(_, from, to)| from < to_ms && from_ms < to)
+                .map(|(node, _, _)| node.clone())
+                .collect(),
             network_clean: !self.partitioned
                 && self.loss == 0.0
                 && self.latency_max_ms * 4 < timeout,
@@ -437,7 +481,7 @@ impl World {
     /// Every fault window, the last one open until `end_ms`.
     pub fn fault_windows(&self, end_ms: u64) -> Vec<FaultWindow> {
         let mut windows = self.windows.clone();
-        windows.push(self.current_window(self.window_start_ms, end_ms));
+        windows.extend(self.windows_until(end_ms));
         windows
     }
 

@@ -47,6 +47,9 @@ struct Inner {
     /// How long a sync takes, drawn per sync from `[min, max]` ms (simulation).
     sync_latency_ms: (u64, u64),
     latency_rng: Option<rand_chacha::ChaCha8Rng>,
+    /// A sync that starts before this instant waits for it first (a stalled
+    /// disk, fault injection).
+    stalled_until: Option<tokio::time::Instant>,
 }
 
 impl MemoryStorage {
@@ -88,6 +91,17 @@ impl MemoryStorage {
         let mut inner = self.lock();
         inner.sync_latency_ms = (min_ms, max_ms.max(min_ms));
         inner.latency_rng = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    }
+
+    /// Stalls the disk for `duration` from now: a sync that starts meanwhile
+    /// finishes its usual latency after the stall ends. Writes and reads are
+    /// not slowed (they reach the page cache); a crash during the stall loses
+    /// what was not synced, as ever. A later stall that ends sooner does not
+    /// shorten an earlier one.
+    pub fn stall_syncs(&self, duration: std::time::Duration) {
+        let until = tokio::time::Instant::now() + duration;
+        let mut inner = self.lock();
+        inner.stalled_until = Some(inner.stalled_until.map_or(until, |t| t.max(until)));
     }
 
     /// How many writes were applied since the last sync (and a crash would lose).
@@ -206,13 +220,19 @@ impl Storage for MemoryStorage {
             Some(rng) if max > 0 => rng.gen_range(min..=max),
             _ => 0,
         };
-        std::time::Duration::from_millis(ms)
+        let stalled = inner
+            .stalled_until
+            .map_or(std::time::Duration::ZERO, |until| {
+                until.saturating_duration_since(tokio::time::Instant::now())
+            });
+        stalled + std::time::Duration::from_millis(ms)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn put(s: &MemoryStorage, key: &[u8]) {
         let op = WriteOp {
@@ -240,6 +260,27 @@ mod tests {
             s.get(0, b"k").unwrap().is_some(),
             "the removal was never synced"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stall_delays_the_syncs_that_start_before_it_ends() {
+        let s = MemoryStorage::new();
+        s.set_sync_latency(1, 4, 7);
+        assert!(s.simulated_sync_latency() <= Duration::from_millis(4));
+        s.stall_syncs(Duration::from_secs(60));
+        // A shorter stall on top does not end the first one sooner.
+        s.stall_syncs(Duration::from_millis(1));
+        let during = s.simulated_sync_latency();
+        assert!(
+            during > Duration::from_secs(59) && during <= Duration::from_millis(60_004),
+            "{during:?}"
+        );
+        let s = MemoryStorage::new();
+        s.set_sync_latency(1, 4, 7);
+        s.stall_syncs(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let after = s.simulated_sync_latency();
+        assert!(after <= Duration::from_millis(4), "{after:?}");
     }
 
     #[test]

@@ -184,21 +184,28 @@ pub fn covers(ctx: &Context, dot: &Dot) -> bool {
 /// changes nothing; a dot contiguous with the version vector is absorbed into it,
 /// together with any exception dots that then become contiguous; any other dot
 /// becomes an exception.
+///
+/// Counters may reach `u64::MAX` (a stored set or a peer's is not bounded by
+/// [`MAX_COUNTER`]): the absorbed run stops there, since no dot lies past it.
 pub fn context_insert(ctx: &mut Context, dot: Dot) {
     let seen = vv_entry(ctx, &dot.actor);
     if dot.counter <= seen {
         return;
     }
-    if dot.counter > seen + 1 {
+    if dot.counter - seen > 1 {
         ctx.dots.insert(dot);
         return;
     }
     let mut top = dot.counter;
-    while ctx.dots.remove(&Dot {
-        actor: dot.actor,
-        counter: top + 1,
-    }) {
-        top += 1;
+    while let Some(next) = top.checked_add(1) {
+        let absorbed = ctx.dots.remove(&Dot {
+            actor: dot.actor,
+            counter: next,
+        });
+        if !absorbed {
+            break;
+        }
+        top = next;
     }
     ctx.vv.insert(dot.actor, top);
 }
@@ -230,7 +237,7 @@ pub fn compact(ctx: &mut Context) {
         if dot.counter <= seen {
             continue;
         }
-        if dot.counter == seen + 1 {
+        if dot.counter - seen == 1 {
             ctx.vv.insert(dot.actor, dot.counter);
         } else {
             ctx.dots.insert(dot);
@@ -661,6 +668,31 @@ mod tests {
         assert_eq!(ctx.vv.get(&A), Some(&5));
         assert_eq!(max_counter(&ctx, &A), 5);
         assert_eq!(max_counter(&ctx, &B), 0);
+    }
+
+    #[test]
+    fn context_insert_at_the_top_of_the_counter_range_does_not_overflow() {
+        // A stored set or a peer's may name counters up to u64::MAX (only a
+        // client's context is bounded by MAX_COUNTER); absorbing the last
+        // counter into the version vector must stop there, not look past it.
+        let mut ctx = Context::default();
+        ctx.vv.insert(A, u64::MAX - 2);
+        context_insert(&mut ctx, dot(A, u64::MAX));
+        assert_eq!(
+            ctx.dots.iter().copied().collect::<Vec<_>>(),
+            vec![dot(A, u64::MAX)]
+        );
+        context_insert(&mut ctx, dot(A, u64::MAX - 1));
+        assert_eq!(ctx.vv.get(&A), Some(&u64::MAX));
+        assert!(ctx.dots.is_empty());
+        context_insert(&mut ctx, dot(A, u64::MAX));
+        assert_eq!(ctx.vv.get(&A), Some(&u64::MAX));
+
+        let mut ctx = Context::default();
+        ctx.vv.insert(B, u64::MAX - 1);
+        context_insert(&mut ctx, dot(B, u64::MAX));
+        assert_eq!(ctx.vv.get(&B), Some(&u64::MAX));
+        assert!(ctx.dots.is_empty());
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! the history produced against it.
 
 use dynamo_core::version::{
-    covers, is_well_formed, merge, merge_into, write, HlcClock, Versioning,
+    context_insert, context_merge, covers, is_well_formed, merge, merge_into, write, HlcClock,
+    Versioning,
 };
 use dynamo_proto::{Actor, Context, Dot, DvvSet, Hlc, WriteMode};
 use proptest::prelude::*;
@@ -731,4 +732,43 @@ fn a_write_may_not_grow_a_context_past_the_limit() {
     // Writes with the key's own context still go through.
     let next = put(&full, Some(&full.context), me).unwrap();
     assert_eq!(context_entries(&next.context), MAX_CONTEXT_ENTRIES);
+}
+
+proptest! {
+    /// A stored set or a peer's may name counters up to u64::MAX (only a
+    /// client's context is bounded by MAX_COUNTER). Inserting dots up to the
+    /// last counter, in any order, and merging with another such context
+    /// never overflows, and the result covers exactly the union and stays
+    /// compact.
+    #[test]
+    fn contexts_at_the_top_of_the_counter_range_cover_exactly_what_was_added(
+        below_top in 0..10u64,
+        offsets in prop::collection::vec(0..8u64, 0..12),
+        other_below_top in 0..10u64,
+    ) {
+        let (actor, _) = two_actors();
+        let dot = |counter| Dot { actor, counter };
+        let mut ctx = claiming(actor, u64::MAX - below_top);
+        for offset in &offsets {
+            context_insert(&mut ctx, dot(u64::MAX - offset));
+        }
+        let inserted = |counter: u64| {
+            counter <= u64::MAX - below_top || offsets.iter().any(|o| u64::MAX - o == counter)
+        };
+        let mut merged = ctx.clone();
+        context_merge(&mut merged, &claiming(actor, u64::MAX - other_below_top));
+        for counter in (u64::MAX - 12)..=u64::MAX {
+            prop_assert_eq!(covers(&ctx, &dot(counter)), inserted(counter), "{}", counter);
+            prop_assert_eq!(
+                covers(&merged, &dot(counter)),
+                inserted(counter) || counter <= u64::MAX - other_below_top,
+                "{}",
+                counter
+            );
+        }
+        for context in [ctx, merged] {
+            let set = DvvSet { context, siblings: Default::default() };
+            prop_assert!(is_well_formed(&set), "{:?}", set);
+        }
+    }
 }

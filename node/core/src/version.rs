@@ -499,7 +499,11 @@ impl HlcClock {
     }
 
     /// The next timestamp, given the wall clock's reading: strictly greater than
-    /// every timestamp this clock returned or observed before.
+    /// every timestamp this clock returned or observed before, except past the
+    /// greatest timestamp there is, which it keeps handing out. Only a
+    /// timestamp from a peer or the disk that is hostile or damaged takes it
+    /// there (a real clock needs 584 million years); wrapping round instead would
+    /// stamp every later write as older than what it replaces.
     pub fn now(&mut self, wall_ms: u64) -> Hlc {
         let next = if wall_ms > self.last.wall_ms {
             Hlc {
@@ -508,9 +512,12 @@ impl HlcClock {
             }
         } else if self.last.logical == u32::MAX {
             // Four billion events in one millisecond: borrow the next one.
-            Hlc {
-                wall_ms: self.last.wall_ms + 1,
-                logical: 0,
+            match self.last.wall_ms.checked_add(1) {
+                Some(wall_ms) => Hlc {
+                    wall_ms,
+                    logical: 0,
+                },
+                None => self.last,
             }
         } else {
             Hlc {
@@ -984,5 +991,20 @@ mod tests {
             logical: u32::MAX,
         });
         assert_eq!(saturated.now(0), ts(6));
+    }
+
+    #[test]
+    fn hlc_at_the_end_of_time_does_not_overflow() {
+        // A peer's sibling (or a damaged stored one) can carry any timestamp;
+        // observing the greatest must not make the next `now` overflow.
+        let end = Hlc {
+            wall_ms: u64::MAX,
+            logical: u32::MAX,
+        };
+        let mut clock = HlcClock::new();
+        clock.observe(end);
+        assert_eq!(clock.now(0), end);
+        assert_eq!(clock.now(u64::MAX), end);
+        assert_eq!(clock.last(), end);
     }
 }

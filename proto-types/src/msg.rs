@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version carried in every frame header. Bump it whenever a
 /// message's encoding changes; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// How a write treats the versions it did not name in its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -201,9 +201,13 @@ pub enum PeerMessage {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// The replica's copy of the key read for request `req` (`None`: it has
+    /// none), or why it could not read it (a failing or corrupt disk). A
+    /// failure is an answer, so the coordinator need not wait out its timeout,
+    /// and it is not an absent key, which read repair would fill.
     ReadReply {
         req: u64,
-        set: Option<DvvSet>,
+        result: Result<Option<DvvSet>, String>,
     },
     /// Read repair: merge this set into your copy and persist; no reply.
     Repair {

@@ -129,10 +129,10 @@ struct PendingGet {
     primaries: Vec<NodeId>,
     needed: u8,
     replies: BTreeMap<NodeId, Option<DvvSet>>,
-    failed: BTreeSet<NodeId>,
-    /// Why this node could not read its own copy, for the client should the
-    /// get fail (a corrupt stored value names its key and what to do).
-    local_error: Option<String>,
+    /// The primaries that could not read their copy (this node included), and
+    /// why: the client learns it should the get fail (a corrupt stored value
+    /// names its key and what to do). They are neither replies nor repaired.
+    failed: BTreeMap<NodeId, String>,
     merged: DvvSet,
     deadline: Millis,
     answered: bool,
@@ -425,14 +425,13 @@ impl Node {
             }
             PeerMessage::Read { req, key } => {
                 let partition = self.membership.ring().partition_for_key(&key);
-                match self.load(partition, &key) {
-                    Ok(set) => self.send(from, PeerMessage::ReadReply { req, set }),
-                    // A replica that cannot read stays silent; the coordinator
-                    // counts it as missing rather than as empty.
-                    Err(e) => tracing::error!(error = %e, "read for a peer failed"),
+                let result = self.load(partition, &key);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "read for a peer failed");
                 }
+                self.send(from, PeerMessage::ReadReply { req, result });
             }
-            PeerMessage::ReadReply { req, set } => self.on_read_reply(from, req, set),
+            PeerMessage::ReadReply { req, result } => self.on_read_reply(from, req, result),
             PeerMessage::Repair { key, set } => {
                 self.hlc_observe(&set);
                 if let Err((e, _)) = self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
@@ -552,8 +551,7 @@ impl Node {
             primaries,
             needed,
             replies: BTreeMap::new(),
-            failed: BTreeSet::new(),
-            local_error: None,
+            failed: BTreeMap::new(),
             merged: DvvSet::default(),
             deadline,
             answered: false,
@@ -564,8 +562,7 @@ impl Node {
                     Ok(set) => record_read(&mut get, p, set, self.config.versioning),
                     Err(e) => {
                         tracing::error!(error = %e, "local read failed");
-                        get.failed.insert(p);
-                        get.local_error = Some(e);
+                        get.failed.insert(p, e);
                     }
                 }
             } else {
@@ -580,33 +577,51 @@ impl Node {
         self.progress_get(req);
     }
 
-    fn on_read_reply(&mut self, from: &NodeId, req: u64, set: Option<DvvSet>) {
+    fn on_read_reply(&mut self, from: &NodeId, req: u64, result: Result<Option<DvvSet>, String>) {
         let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
             return;
         };
-        if !get.primaries.contains(from) || get.replies.contains_key(from) {
+        if !get.primaries.contains(from)
+            || get.replies.contains_key(from)
+            || get.failed.contains_key(from)
+        {
             return;
         }
-        if let Some(set) = &set {
-            self.hlc_observe(set);
+        match result {
+            Ok(set) => {
+                if let Some(set) = &set {
+                    self.hlc_observe(set);
+                }
+                let mode = self.config.versioning;
+                let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
+                    unreachable!("checked above");
+                };
+                record_read(get, from.clone(), set, mode);
+            }
+            Err(e) => {
+                tracing::warn!(replica = %from, error = %e, "replica failed to read a key");
+                get.failed.insert(from.clone(), e);
+            }
         }
-        let mode = self.config.versioning;
-        let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
-            unreachable!("checked above");
-        };
-        record_read(get, from.clone(), set, mode);
         self.progress_get(req);
     }
 
-    /// Answers a get once R primaries replied, and repairs once all have (or at
-    /// the deadline, see `expire`).
+    /// Answers a get once R primaries replied, or with an error once too many
+    /// failed for R to be met; repairs once all have answered (or at the
+    /// deadline, see `expire`).
     fn progress_get(&mut self, req: u64) {
         let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
             return;
         };
+        let n = get.primaries.len() as u8;
         if !get.answered && get.replies.len() >= usize::from(get.needed) {
             get.answered = true;
             let reply = get_reply(&get.merged);
+            let origin = get.origin.clone();
+            self.answer(origin, reply);
+        } else if !get.answered && !quorum::still_reachable(get.needed, get.failed.len(), n) {
+            get.answered = true;
+            let reply = ClientReply::Error(get_failure(get));
             let origin = get.origin.clone();
             self.answer(origin, reply);
         }
@@ -625,25 +640,7 @@ impl Node {
     /// gets the merged set.
     fn finish_get(&mut self, get: PendingGet) {
         if !get.answered {
-            let quorum = ClientError::Quorum {
-                op: "get".into(),
-                write: false,
-                needed: get.needed,
-                replied: get.replies.len() as u8,
-                n: get.primaries.len() as u8,
-            };
-            // A quorum missed because this node's own copy is unreadable is a
-            // storage fault here, not a timeout: say which.
-            let error = match &get.local_error {
-                Some(e) => ClientError::Internal(format!(
-                    "get could not reach its read quorum ({} of {} needed replicas \
-                     replied, of {}): {e}",
-                    get.replies.len(),
-                    get.needed,
-                    get.primaries.len()
-                )),
-                None => quorum,
-            };
+            let error = get_failure(&get);
             self.answer(get.origin.clone(), ClientReply::Error(error));
         }
         if get.merged == DvvSet::default() {
@@ -1072,6 +1069,33 @@ fn get_reply(merged: &DvvSet) -> ClientReply {
             .collect(),
         context: merged.context.clone(),
     })
+}
+
+/// Why a get missed its quorum. Primaries that could not read their copy
+/// (this node's or a replica's) make it a storage fault, not a timeout: the
+/// error names each of them and its storage error.
+fn get_failure(get: &PendingGet) -> ClientError {
+    if get.failed.is_empty() {
+        return ClientError::Quorum {
+            op: "get".into(),
+            write: false,
+            needed: get.needed,
+            replied: get.replies.len() as u8,
+            n: get.primaries.len() as u8,
+        };
+    }
+    let causes: Vec<String> = get
+        .failed
+        .iter()
+        .map(|(node, error)| format!("{node}: {error}"))
+        .collect();
+    ClientError::Internal(format!(
+        "get could not reach its read quorum ({} of {} needed replicas replied, of {}): {}",
+        get.replies.len(),
+        get.needed,
+        get.primaries.len(),
+        causes.join("; ")
+    ))
 }
 
 fn put_quorum_error(put: &PendingPut) -> ClientError {

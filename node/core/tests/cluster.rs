@@ -775,3 +775,42 @@ fn a_get_that_fails_on_this_nodes_own_read_says_so() {
         "{text}"
     );
 }
+
+#[test]
+fn a_get_that_fails_on_a_replicas_read_says_so_at_once() {
+    // A replica whose copy cannot be read answers with the error: the get
+    // that can no longer reach R fails at once and names it, instead of
+    // waiting out its timeout and blaming the quorum.
+    let mut c = Cluster::new(3, 3, 2, 3);
+    let key = k("damaged");
+    expect_put(c.put("n1", &key, b"v", None));
+    c.settle();
+    let primaries = c.primaries(&key);
+    let (coord, broken) = (primaries[0].to_string(), primaries[1].to_string());
+    c.node_mut(&broken).disk.0.lock().unwrap().fail_reads = true;
+    let before = c.now;
+    let reply = c.get(&coord, &key, Some(3));
+    assert_eq!(
+        c.now, before,
+        "answered on the failed reply, not by timeout"
+    );
+    let ClientReply::Error(ClientError::Internal(text)) = &reply else {
+        panic!("{reply:?}");
+    };
+    assert!(
+        text.contains(&format!(
+            "{broken}: storage read failed: injected read failure"
+        )),
+        "{text}"
+    );
+    // With R = 2 the other two answer. The failed replica is neither taken
+    // for one without the key nor sent read repair.
+    let repairs_before = c.delivered.len();
+    assert_eq!(values(&expect_get(c.get(&coord, &key, Some(2)))), ["v"]);
+    c.settle();
+    let repairs: Vec<&String> = c.delivered[repairs_before..]
+        .iter()
+        .filter(|m| m.contains("Repair"))
+        .collect();
+    assert!(repairs.is_empty(), "{repairs:#?}");
+}

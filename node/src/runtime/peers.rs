@@ -148,7 +148,10 @@ fn estimated_bytes(msg: &PeerMessage) -> usize {
                 8 * reqs.len() + error.as_ref().map_or(0, String::len)
             }
             PeerMessage::Read { key, .. } => key.len(),
-            PeerMessage::ReadReply { set, .. } => set.as_ref().map_or(0, DvvSet::estimated_bytes),
+            PeerMessage::ReadReply { result, .. } => match result {
+                Ok(set) => set.as_ref().map_or(0, DvvSet::estimated_bytes),
+                Err(error) => error.len(),
+            },
             PeerMessage::Forward { request, .. } => match request {
                 ClientRequest::Put {
                     key,

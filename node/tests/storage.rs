@@ -16,15 +16,20 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-/// A set with one sibling whose value and dot are derived from `n`.
+/// A well-formed set with one sibling whose value and dot are derived from
+/// `n` (counters start at 1: 0 is never minted, and a version vector holds no
+/// zero entry).
 fn set(n: u64) -> DvvSet {
     let actor = Actor {
         incarnation: 0xfeed,
         epoch: 1,
     };
-    let dot = Dot { actor, counter: n };
+    let dot = Dot {
+        actor,
+        counter: n + 1,
+    };
     let mut s = DvvSet::default();
-    s.context.vv.insert(actor, n);
+    s.context.vv.insert(actor, n + 1);
     s.siblings.insert(
         dot,
         Sibling {
@@ -218,6 +223,55 @@ fn fjall_reports_a_corrupt_value_with_its_key() {
     );
     assert!(err.to_string().contains("\"bad\""), "{err}");
     assert!(s.scan_partition(4, None, 10).is_err());
+}
+
+/// Stores two sets that decode but break a set's invariants, as a damaged
+/// disk or a build with a versioning bug could have left them: one with a
+/// sibling its context does not cover, one whose context is not compact.
+/// Served, the first would show a sibling its own context does not account
+/// for, and a coordinator minting past the context's counter would reuse the
+/// sibling's dot. Both must read as corrupt, as undecodable bytes do.
+fn malformed_sets_read_as_corrupt(s: &dyn Storage) {
+    let mut uncovered = set(3);
+    let actor = uncovered.siblings.keys().next().unwrap().actor;
+    uncovered.context.vv.insert(actor, 3);
+    let mut loose = set(3);
+    loose.context.dots.insert(Dot { actor, counter: 5 });
+    s.write_batch(&[
+        WriteOp {
+            partition: 5,
+            key: b"uncovered".to_vec(),
+            set: Some(uncovered),
+        },
+        WriteOp {
+            partition: 5,
+            key: b"loose".to_vec(),
+            set: Some(loose),
+        },
+    ])
+    .unwrap();
+    for key in [&b"uncovered"[..], b"loose"] {
+        let got = s.get(5, key);
+        assert!(
+            matches!(&got, Err(StorageError::CorruptValue { partition: 5, .. })),
+            "{}: {got:?}",
+            key.escape_ascii()
+        );
+    }
+    assert!(s.scan_partition(5, None, 10).is_err());
+}
+
+#[test]
+fn memory_engine_reads_a_malformed_set_as_corrupt() {
+    malformed_sets_read_as_corrupt(&MemoryStorage::new());
+}
+
+#[cfg(not(madsim))]
+#[test]
+fn fjall_reads_a_malformed_set_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dynamo_node::storage::FjallStorage::open(dir.path()).unwrap();
+    malformed_sets_read_as_corrupt(&s);
 }
 
 #[test]

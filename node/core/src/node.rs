@@ -394,6 +394,9 @@ impl Node {
             tracing::warn!(peer = %from, "message from a node that is not a member; dropped");
             return;
         }
+        let Some(msg) = self.refuse_malformed_set(from, msg) else {
+            return;
+        };
         match msg {
             // Handshakes and keepalives belong to the transport.
             PeerMessage::Hello(_)
@@ -455,6 +458,51 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Checks the set a peer's message hands this node to merge or to answer a
+    /// client with, at the one place every peer message enters: a set that is
+    /// not well formed ([`version::is_well_formed`]) would be stored, served
+    /// and spread, and a coordinator minting on top of it could reuse a dot. A
+    /// malformed `Replicate` is acknowledged with an error, a malformed
+    /// `ReadReply` becomes a failed read, and a malformed `Repair` is dropped;
+    /// each is logged. Other messages carry no set: a `Forward`ed request's
+    /// context is a client's, which the write checks and compacts as it does
+    /// any client's, and a `ForwardReply` goes back to the client as it came.
+    /// Returns the message to handle, if any.
+    fn refuse_malformed_set(&mut self, from: &NodeId, msg: PeerMessage) -> Option<PeerMessage> {
+        let set = match &msg {
+            PeerMessage::Replicate { set, .. }
+            | PeerMessage::Repair { set, .. }
+            | PeerMessage::ReadReply {
+                result: Ok(Some(set)),
+                ..
+            } => set,
+            _ => return Some(msg),
+        };
+        if version::is_well_formed(set) {
+            return Some(msg);
+        }
+        let error = format!(
+            "malformed version set from {from} refused: a sibling its context does not cover, \
+             or a context not in compact form"
+        );
+        tracing::error!(peer = %from, "{error}");
+        match msg {
+            PeerMessage::Replicate { reqs, .. } => {
+                let ack = PeerMessage::ReplicateAck {
+                    reqs,
+                    error: Some(error),
+                };
+                self.send(from, ack);
+                None
+            }
+            PeerMessage::ReadReply { req, .. } => Some(PeerMessage::ReadReply {
+                req,
+                result: Err(error),
+            }),
+            _ => None,
         }
     }
 

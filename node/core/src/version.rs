@@ -264,12 +264,28 @@ pub fn max_counter(ctx: &Context, actor: &Actor) -> u64 {
 }
 
 /// True when the set keeps its invariants: every sibling's dot is covered by the
-/// set's context, and the context is compact. Sets from the network or the disk
-/// can be checked with it.
+/// set's context, and the context is compact (what [`compact`] leaves as it is:
+/// no zero entry in the version vector, no exception dot that the version vector
+/// covers or that is contiguous with it). A set that breaks them could be served
+/// with a sibling its own context does not account for, and a coordinator that
+/// mints past its context's counter would reuse such a sibling's dot; so every
+/// set read from the disk or received from a peer is checked with this. One map
+/// lookup per entry, no allocation.
+///
+/// Counters are not bounded here: a client's context may name any counter up to
+/// [`MAX_COUNTER`] of another actor, which that actor then mints past, and a set
+/// stored before contexts were bounded may name `u64::MAX`. Refusing either
+/// would make the key unreadable; the arithmetic on them cannot overflow, and a
+/// write that finds its actor's counters used up is refused with
+/// [`VersionError::CounterExhausted`].
 pub fn is_well_formed(set: &DvvSet) -> bool {
-    let mut compacted = set.context.clone();
-    compact(&mut compacted);
-    compacted == set.context && set.siblings.keys().all(|dot| covers(&set.context, dot))
+    let ctx = &set.context;
+    ctx.vv.values().all(|&counter| counter > 0)
+        && ctx
+            .dots
+            .iter()
+            .all(|dot| dot.counter.saturating_sub(vv_entry(ctx, &dot.actor)) > 1)
+        && set.siblings.keys().all(|dot| covers(ctx, dot))
 }
 
 /// The replication and read-repair merge of two sets (see [`merge_into`]).

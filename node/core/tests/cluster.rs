@@ -814,3 +814,126 @@ fn a_get_that_fails_on_a_replicas_read_says_so_at_once() {
         .collect();
     assert!(repairs.is_empty(), "{repairs:#?}");
 }
+
+/// `set` with a sibling its context does not cover (a bogus value): what a
+/// buggy or hostile peer could send.
+fn malformed(set: &dynamo_proto::DvvSet) -> dynamo_proto::DvvSet {
+    use dynamo_proto::{Actor, Dot, Hlc, Sibling};
+    let mut bad = set.clone();
+    let dot = Dot {
+        actor: Actor {
+            incarnation: 0xbad,
+            epoch: 1,
+        },
+        counter: 1,
+    };
+    let bogus = Sibling {
+        value: Some(b"bogus".to_vec()),
+        timestamp: Hlc::default(),
+    };
+    bad.siblings.insert(dot, bogus);
+    bad
+}
+
+/// Makes every message of `kind` from `from` to `to` carry a malformed set.
+fn corrupt_sets(c: &mut Cluster, from: &NodeId, to: &NodeId, kind: &'static str) {
+    use dynamo_proto::PeerMessage;
+    let (from, to) = (from.clone(), to.clone());
+    c.tamper = Some(Box::new(move |sender, receiver, msg| {
+        if *sender != from || *receiver != to {
+            return;
+        }
+        match msg {
+            PeerMessage::Replicate { set, .. } | PeerMessage::Repair { set, .. }
+                if kind == "set" =>
+            {
+                *set = malformed(set)
+            }
+            PeerMessage::ReadReply {
+                result: Ok(Some(set)),
+                ..
+            } if kind == "read" => *set = malformed(set),
+            _ => {}
+        }
+    }));
+}
+
+#[test]
+fn a_malformed_replicated_set_is_refused_with_an_error() {
+    let mut c = Cluster::new(3, 3, 2, 3);
+    let key = k("k");
+    let primaries = c.primaries(&key);
+    let coord = primaries[0].clone();
+    corrupt_sets(&mut c, &coord, &primaries[1], "set");
+    let before = c.now;
+    let reply = c.put(coord.as_str(), &key, b"v", None);
+    assert!(
+        matches!(
+            reply,
+            ClientReply::Error(ClientError::Quorum { needed: 3, .. })
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(c.now, before, "failed on the error acknowledgement");
+    c.settle();
+    assert_eq!(c.durable(primaries[1].as_str(), &key), None);
+    let ack = format!("{}->{coord}: ReplicateAck", primaries[1]);
+    assert!(
+        c.delivered
+            .iter()
+            .any(|m| m.starts_with(&ack) && m.contains("malformed")),
+        "{:#?}",
+        c.delivered
+    );
+}
+
+#[test]
+fn a_malformed_read_reply_counts_as_a_failed_read() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("k");
+    expect_put(c.put("n1", &key, b"v", None));
+    c.settle();
+    let primaries = c.primaries(&key);
+    let (coord, liar) = (primaries[0].clone(), primaries[1].clone());
+    corrupt_sets(&mut c, &liar, &coord, "read");
+    let before = c.now;
+    let reply = c.get(coord.as_str(), &key, Some(3));
+    assert_eq!(c.now, before, "answered on the refused reply");
+    let ClientReply::Error(ClientError::Internal(text)) = &reply else {
+        panic!("{reply:?}");
+    };
+    assert!(text.contains(&format!("{liar}: malformed")), "{text}");
+    // R = 2 is met by the other two; the refused reply is not repaired.
+    let seen = c.delivered.len();
+    assert_eq!(
+        values(&expect_get(c.get(coord.as_str(), &key, Some(2)))),
+        ["v"]
+    );
+    c.settle();
+    assert!(!c.delivered[seen..].iter().any(|m| m.contains("Repair")));
+}
+
+#[test]
+fn a_malformed_read_repair_is_dropped() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("k");
+    let primaries = c.primaries(&key);
+    let (coord, behind) = (primaries[0].clone(), primaries[2].clone());
+    c.isolate(behind.as_str());
+    expect_put(c.put(coord.as_str(), &key, b"v", None));
+    c.settle();
+    c.heal();
+    corrupt_sets(&mut c, &coord, &behind, "set");
+    assert_eq!(
+        values(&expect_get(c.get(coord.as_str(), &key, Some(3)))),
+        ["v"]
+    );
+    c.settle();
+    assert!(
+        c.delivered
+            .iter()
+            .any(|m| m.starts_with(&format!("{coord}->{behind}: Repair"))),
+        "no repair was sent"
+    );
+    assert_eq!(c.durable(behind.as_str(), &key), None);
+}

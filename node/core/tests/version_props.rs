@@ -11,8 +11,8 @@
 //! the history produced against it.
 
 use dynamo_core::version::{
-    context_insert, context_merge, covers, is_well_formed, merge, merge_into, write, HlcClock,
-    Versioning,
+    compact, context_insert, context_merge, covers, is_well_formed, merge, merge_into, write,
+    HlcClock, Versioning,
 };
 use dynamo_proto::{Actor, Context, Dot, DvvSet, Hlc, WriteMode};
 use proptest::prelude::*;
@@ -734,6 +734,11 @@ fn a_write_may_not_grow_a_context_past_the_limit() {
     assert_eq!(context_entries(&next.context), MAX_CONTEXT_ENTRIES);
 }
 
+/// A counter of a small window at the bottom of the range or at its top.
+fn edge_counter() -> impl Strategy<Value = u64> {
+    prop_oneof![0..6u64, (u64::MAX - 3)..=u64::MAX]
+}
+
 proptest! {
     /// A stored set or a peer's may name counters up to u64::MAX (only a
     /// client's context is bounded by MAX_COUNTER). Inserting dots up to the
@@ -770,5 +775,32 @@ proptest! {
             let set = DvvSet { context, siblings: Default::default() };
             prop_assert!(is_well_formed(&set), "{:?}", set);
         }
+    }
+
+    /// `is_well_formed` says exactly what its definition says: the context is
+    /// what `compact` leaves unchanged, and it covers every sibling's dot. Any
+    /// context, counters at both ends of the range included.
+    #[test]
+    fn is_well_formed_agrees_with_its_definition(
+        vv in prop::collection::btree_map(0..3u64, edge_counter(), 0..3),
+        dots in prop::collection::btree_set((0..3u64, edge_counter()), 0..5),
+        siblings in prop::collection::btree_set((0..3u64, edge_counter()), 0..4),
+    ) {
+        let actor = |incarnation| Actor { incarnation, epoch: 1 };
+        let dot = |(incarnation, counter)| Dot { actor: actor(incarnation), counter };
+        let context = Context {
+            vv: vv.into_iter().map(|(i, counter)| (actor(i), counter)).collect(),
+            dots: dots.into_iter().map(dot).collect(),
+        };
+        let sibling = dynamo_proto::Sibling { value: None, timestamp: Hlc::default() };
+        let set = DvvSet {
+            context,
+            siblings: siblings.into_iter().map(|d| (dot(d), sibling.clone())).collect(),
+        };
+        let mut compacted = set.context.clone();
+        compact(&mut compacted);
+        let defined = compacted == set.context
+            && set.siblings.keys().all(|dot| covers(&set.context, dot));
+        prop_assert_eq!(is_well_formed(&set), defined, "{:?}", set);
     }
 }

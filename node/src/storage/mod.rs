@@ -6,7 +6,9 @@
 //! the group-commit worker that turns the core's `Persist` requests into batched
 //! writes and fsyncs, and the data-directory identity (format version, cluster id,
 //! incarnation and epoch). It must never hold protocol logic: it stores whatever
-//! `DvvSet` it is handed and never merges, compares or interprets versions.
+//! `DvvSet` it is handed and never merges, compares or interprets versions; it
+//! only refuses, as corrupt, a stored set that decodes but is not well formed
+//! (`dynamo_core::version::is_well_formed`, the core's own rule).
 //!
 //! Key layout: a stored key is the partition as 4 big-endian bytes followed by the
 //! user's key bytes, so the keys of one partition are contiguous and in key order
@@ -16,6 +18,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use dynamo_core::store::{LocalStore, StoreError};
+use dynamo_core::version;
 use dynamo_proto::DvvSet;
 
 pub mod cache;
@@ -313,7 +316,10 @@ pub(crate) fn encode_set(
 
 /// Decodes a stored set. Bytes left over after it are corruption too (as on
 /// the wire): a zero-filled block would otherwise read as an empty set, and a
-/// value of another encoding as a set missing its tail.
+/// value of another encoding as a set missing its tail. So is a set that
+/// decodes but is not well formed: served, it could show a sibling its context
+/// does not account for, and a coordinator writing on top of it could reuse
+/// that sibling's dot.
 pub(crate) fn decode_set(partition: u32, key: &[u8], bytes: &[u8]) -> Result<DvvSet, StorageError> {
     let corrupt = |detail: String| StorageError::CorruptValue {
         partition,
@@ -327,6 +333,13 @@ pub(crate) fn decode_set(partition: u32, key: &[u8], bytes: &[u8]) -> Result<Dvv
             rest.len(),
             bytes.len() - rest.len()
         )));
+    }
+    if !version::is_well_formed(&set) {
+        return Err(corrupt(
+            "the set is malformed: a sibling its context does not cover, or a context not in \
+             compact form"
+                .into(),
+        ));
     }
     Ok(set)
 }

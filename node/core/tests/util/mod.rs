@@ -62,7 +62,13 @@ pub struct Cluster {
     next_client_req: u64,
     /// Every peer message delivered, in order (for determinism checks).
     pub delivered: Vec<String>,
+    /// Alters each message (sender, receiver, message) before it is delivered:
+    /// a peer that is buggy or hostile.
+    pub tamper: Option<Tamper>,
 }
+
+/// See [`Cluster::tamper`].
+pub type Tamper = Box<dyn FnMut(&NodeId, &NodeId, &mut PeerMessage)>;
 
 pub fn ids(names: &[&str]) -> Vec<NodeId> {
     names.iter().map(|n| NodeId::from(*n)).collect()
@@ -94,6 +100,7 @@ impl Cluster {
             replies: BTreeMap::new(),
             next_client_req: 1,
             delivered: Vec::new(),
+            tamper: None,
         };
         for (i, m) in members.iter().enumerate() {
             let disk = DiskHandle::default();
@@ -191,9 +198,12 @@ impl Cluster {
         loop {
             let mut moved = self.drain_outputs();
             moved |= self.sync_disks();
-            if let Some((from, to, msg)) = self.net.pop_front() {
+            if let Some((from, to, mut msg)) = self.net.pop_front() {
                 moved = true;
                 if !self.isolated.contains(&from) && !self.isolated.contains(&to) {
+                    if let Some(tamper) = &mut self.tamper {
+                        tamper(&from, &to, &mut msg);
+                    }
                     self.delivered.push(format!("{from}->{to}: {msg:?}"));
                     let now = self.now;
                     if let Some(sim) = self.nodes.get_mut(&to) {

@@ -776,43 +776,63 @@ fn a_get_that_fails_on_this_nodes_own_read_says_so() {
     );
 }
 
-#[test]
-fn a_get_that_fails_on_a_replicas_read_says_so_at_once() {
-    // A replica whose copy cannot be read answers with the error: the get
-    // that can no longer reach R fails at once and names it, instead of
-    // waiting out its timeout and blaming the quorum.
-    let mut c = Cluster::new(3, 3, 2, 3);
-    let key = k("damaged");
+/// Three nodes (N = 3, R = W = 2) that all store "v" under a key: the
+/// cluster, the key, and the key's first two primaries.
+fn a_key_stored_everywhere() -> (Cluster, Vec<u8>, NodeId, NodeId) {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("k");
     expect_put(c.put("n1", &key, b"v", None));
     c.settle();
     let primaries = c.primaries(&key);
-    let (coord, broken) = (primaries[0].to_string(), primaries[1].to_string());
-    c.node_mut(&broken).disk.0.lock().unwrap().fail_reads = true;
+    let (coord, replica) = (primaries[0].clone(), primaries[1].clone());
+    (c, key, coord, replica)
+}
+
+/// Reads the key of [`a_key_stored_everywhere`] at `coord` while `failing`
+/// cannot answer with its copy. With R = 3 the get fails as soon as that
+/// answer arrives, not at its timeout, with an error naming `failing` and
+/// `cause`. With R = 2 the other two answer, and `failing` is neither taken
+/// for a replica without the key nor sent read repair.
+fn a_failed_read_is_reported_and_not_repaired(
+    c: &mut Cluster,
+    key: &[u8],
+    coord: &NodeId,
+    failing: &NodeId,
+    cause: &str,
+) {
     let before = c.now;
-    let reply = c.get(&coord, &key, Some(3));
-    assert_eq!(
-        c.now, before,
-        "answered on the failed reply, not by timeout"
-    );
+    let reply = c.get(coord.as_str(), key, Some(3));
+    assert_eq!(c.now, before, "answered on the failed read, not by timeout");
     let ClientReply::Error(ClientError::Internal(text)) = &reply else {
         panic!("{reply:?}");
     };
-    assert!(
-        text.contains(&format!(
-            "{broken}: storage read failed: injected read failure"
-        )),
-        "{text}"
+    assert!(text.contains(&format!("{failing}: {cause}")), "{text}");
+    let seen = c.delivered.len();
+    assert_eq!(
+        values(&expect_get(c.get(coord.as_str(), key, Some(2)))),
+        ["v"]
     );
-    // With R = 2 the other two answer. The failed replica is neither taken
-    // for one without the key nor sent read repair.
-    let repairs_before = c.delivered.len();
-    assert_eq!(values(&expect_get(c.get(&coord, &key, Some(2)))), ["v"]);
     c.settle();
-    let repairs: Vec<&String> = c.delivered[repairs_before..]
+    let repairs: Vec<&String> = c.delivered[seen..]
         .iter()
         .filter(|m| m.contains("Repair"))
         .collect();
     assert!(repairs.is_empty(), "{repairs:#?}");
+}
+
+#[test]
+fn a_get_that_fails_on_a_replicas_read_says_so_at_once() {
+    // A replica whose copy cannot be read answers with the error, instead of
+    // staying silent until the get times out and blames the quorum.
+    let (mut c, key, coord, broken) = a_key_stored_everywhere();
+    c.node_mut(broken.as_str())
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .fail_reads = true;
+    let cause = "storage read failed: injected read failure";
+    a_failed_read_is_reported_and_not_repaired(&mut c, &key, &coord, &broken, cause);
 }
 
 /// `set` with a sibling its context does not cover (a bogus value): what a
@@ -835,8 +855,8 @@ fn malformed(set: &dynamo_proto::DvvSet) -> dynamo_proto::DvvSet {
     bad
 }
 
-/// Makes every message of `kind` from `from` to `to` carry a malformed set.
-fn corrupt_sets(c: &mut Cluster, from: &NodeId, to: &NodeId, kind: &'static str) {
+/// Makes every set that `from` sends `to` malformed.
+fn corrupt_sets(c: &mut Cluster, from: &NodeId, to: &NodeId) {
     use dynamo_proto::PeerMessage;
     let (from, to) = (from.clone(), to.clone());
     c.tamper = Some(Box::new(move |sender, receiver, msg| {
@@ -844,15 +864,12 @@ fn corrupt_sets(c: &mut Cluster, from: &NodeId, to: &NodeId, kind: &'static str)
             return;
         }
         match msg {
-            PeerMessage::Replicate { set, .. } | PeerMessage::Repair { set, .. }
-                if kind == "set" =>
-            {
-                *set = malformed(set)
-            }
-            PeerMessage::ReadReply {
+            PeerMessage::Replicate { set, .. }
+            | PeerMessage::Repair { set, .. }
+            | PeerMessage::ReadReply {
                 result: Ok(Some(set)),
                 ..
-            } if kind == "read" => *set = malformed(set),
+            } => *set = malformed(set),
             _ => {}
         }
     }));
@@ -864,7 +881,7 @@ fn a_malformed_replicated_set_is_refused_with_an_error() {
     let key = k("k");
     let primaries = c.primaries(&key);
     let coord = primaries[0].clone();
-    corrupt_sets(&mut c, &coord, &primaries[1], "set");
+    corrupt_sets(&mut c, &coord, &primaries[1]);
     let before = c.now;
     let reply = c.put(coord.as_str(), &key, b"v", None);
     assert!(
@@ -889,28 +906,9 @@ fn a_malformed_replicated_set_is_refused_with_an_error() {
 
 #[test]
 fn a_malformed_read_reply_counts_as_a_failed_read() {
-    let mut c = Cluster::new(3, 3, 2, 2);
-    let key = k("k");
-    expect_put(c.put("n1", &key, b"v", None));
-    c.settle();
-    let primaries = c.primaries(&key);
-    let (coord, liar) = (primaries[0].clone(), primaries[1].clone());
-    corrupt_sets(&mut c, &liar, &coord, "read");
-    let before = c.now;
-    let reply = c.get(coord.as_str(), &key, Some(3));
-    assert_eq!(c.now, before, "answered on the refused reply");
-    let ClientReply::Error(ClientError::Internal(text)) = &reply else {
-        panic!("{reply:?}");
-    };
-    assert!(text.contains(&format!("{liar}: malformed")), "{text}");
-    // R = 2 is met by the other two; the refused reply is not repaired.
-    let seen = c.delivered.len();
-    assert_eq!(
-        values(&expect_get(c.get(coord.as_str(), &key, Some(2)))),
-        ["v"]
-    );
-    c.settle();
-    assert!(!c.delivered[seen..].iter().any(|m| m.contains("Repair")));
+    let (mut c, key, coord, liar) = a_key_stored_everywhere();
+    corrupt_sets(&mut c, &liar, &coord);
+    a_failed_read_is_reported_and_not_repaired(&mut c, &key, &coord, &liar, "malformed");
 }
 
 #[test]
@@ -923,7 +921,7 @@ fn a_malformed_read_repair_is_dropped() {
     expect_put(c.put(coord.as_str(), &key, b"v", None));
     c.settle();
     c.heal();
-    corrupt_sets(&mut c, &coord, &behind, "set");
+    corrupt_sets(&mut c, &coord, &behind);
     assert_eq!(
         values(&expect_get(c.get(coord.as_str(), &key, Some(3)))),
         ["v"]

@@ -944,4 +944,28 @@ mod tests {
         assert_eq!(commands::visible(&read(vec![a, t])), None);
         assert_eq!(commands::visible(&read(vec![])), None);
     }
+
+    #[test]
+    fn a_storage_fault_answers_err_and_a_missed_quorum_tryagain() {
+        use dynamo_proto::ClientError;
+        // A get that failed on unreadable copies will fail again: `-ERR` with
+        // the core's message, which names the primaries and their errors.
+        let fault = "get could not reach its read quorum (1 of 2 needed replicas replied, of \
+                     3): n2: storage read failed: stored value of key \"k\" is corrupt";
+        assert_eq!(
+            commands::core_error(ClientError::Internal(fault.into())),
+            Reply::Error(format!("ERR internal error: {fault}"))
+        );
+        let quorum = ClientError::Quorum {
+            op: "get".into(),
+            write: false,
+            needed: 2,
+            replied: 1,
+            n: 3,
+        };
+        let Reply::Error(text) = commands::core_error(quorum) else {
+            panic!("not an error reply");
+        };
+        assert!(text.starts_with("TRYAGAIN get quorum not met"), "{text}");
+    }
 }

@@ -14,6 +14,10 @@ use std::path::PathBuf;
 /// The most runtime worker threads a node may ask for.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
+/// The longest group-commit gather delay accepted (10 ms): past it the delay
+/// costs more latency than any batch saves.
+pub const MAX_COMMIT_DELAY_US: u64 = 10_000;
+
 /// `dynamo server` flags. Each also reads a `DYNAMO_*` variable; unset ones fall
 /// back to the config file, then to the defaults.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -67,6 +71,11 @@ pub struct ServerArgs {
     /// always | interval:<ms> | none. [default: always]
     #[arg(long, env = "DYNAMO_SYNC")]
     pub sync: Option<String>,
+    /// Under `--sync always`, how long at most a group commit waits for more
+    /// writes before its fsync, in microseconds: 25 per write of the previous
+    /// batch, none after a lone write; 0 turns it off. [default: 500]
+    #[arg(long, env = "DYNAMO_COMMIT_DELAY_US")]
+    pub commit_delay_us: Option<u64>,
     /// How long a coordinator waits for its quorum. [default: 2000]
     #[arg(long, env = "DYNAMO_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
@@ -116,6 +125,7 @@ struct FileConfig {
     w: Option<u8>,
     partitions: Option<u32>,
     sync: Option<String>,
+    commit_delay_us: Option<u64>,
     request_timeout_ms: Option<u64>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
@@ -170,6 +180,8 @@ pub struct ServerConfig {
     pub partitions: u32,
     #[serde(serialize_with = "display")]
     pub sync: SyncPolicy,
+    /// The bound on a group commit's gather delay, in microseconds.
+    pub commit_delay_us: u64,
     pub request_timeout_ms: u64,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
@@ -264,6 +276,11 @@ impl ServerConfig {
             w: pick(&args.w, file.w, 2),
             partitions: pick(&args.partitions, file.partitions, 256),
             sync,
+            commit_delay_us: pick(
+                &args.commit_delay_us,
+                file.commit_delay_us,
+                crate::storage::DEFAULT_COMMIT_DELAY.as_micros() as u64,
+            ),
             request_timeout_ms: pick(&args.request_timeout_ms, file.request_timeout_ms, 2_000),
             max_key_bytes: pick(&args.max_key_bytes, file.max_key_bytes, 1024),
             max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
@@ -310,6 +327,13 @@ impl ServerConfig {
         }
         if self.request_timeout_ms == 0 {
             bail!("--request-timeout-ms must be positive");
+        }
+        if self.commit_delay_us > MAX_COMMIT_DELAY_US {
+            bail!(
+                "--commit-delay-us {}: choose 0 (off) to {MAX_COMMIT_DELAY_US}; every write \
+                 acknowledged under --sync always may wait this long",
+                self.commit_delay_us
+            );
         }
         if self.max_key_bytes == 0 || self.max_value_bytes == 0 {
             bail!("--max-key-bytes and --max-value-bytes must be positive");
@@ -408,6 +432,7 @@ mod tests {
         assert_eq!(c.resp_addr, None, "the Redis protocol is off by default");
         assert_eq!(c.worker_threads, None, "one worker thread per core");
         assert_eq!(c.cache_bytes, 0, "the row cache is opt-in");
+        assert_eq!(c.commit_delay_us, 500);
         assert_eq!(c.max_connections, 4096);
     }
 
@@ -475,7 +500,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -489,6 +514,7 @@ mod tests {
         assert_eq!(c.worker_threads, Some(3));
         assert_eq!(c.cache_bytes, 8 << 20);
         assert_eq!(c.max_connections, 100);
+        assert_eq!(c.commit_delay_us, 200);
     }
 
     #[test]
@@ -514,6 +540,11 @@ mod tests {
             ..Default::default()
         })
         .contains("cannot exceed"));
+        assert!(bad(ServerArgs {
+            commit_delay_us: Some(MAX_COMMIT_DELAY_US + 1),
+            ..Default::default()
+        })
+        .contains("--commit-delay-us"));
         assert!(bad(ServerArgs {
             versioning: Some("x".into()),
             ..Default::default()

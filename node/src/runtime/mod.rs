@@ -19,8 +19,8 @@ pub use handle::{CoreHandle, NodeInfo};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::storage::{
-    check_partitions, open_identity, spawn_storage_worker, CacheMetrics, CachedStorage, Storage,
-    StorageWorker, StoreReader,
+    check_partitions, open_identity, spawn_storage_worker_with_delay, CacheMetrics, CachedStorage,
+    Storage, StorageWorker, StoreReader,
 };
 use anyhow::Context as _;
 use dynamo_core::{Member, Node};
@@ -130,7 +130,11 @@ pub async fn start(config: &ServerConfig, mut env: Environment) -> anyhow::Resul
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
-    let (storage, persisted) = spawn_storage_worker(storage, config.sync);
+    let (storage, persisted) = spawn_storage_worker_with_delay(
+        storage,
+        config.sync,
+        std::time::Duration::from_micros(config.commit_delay_us),
+    );
     let metrics = Arc::new(Metrics::new(
         &config.node_id,
         storage.metrics(),

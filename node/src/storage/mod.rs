@@ -35,7 +35,10 @@ pub use cache::{CacheMetrics, CachedStorage};
 pub use datadir::{check_partitions, open_identity, NodeIdentity, STORAGE_FORMAT_VERSION};
 pub use memory::MemoryStorage;
 pub use sync_policy::{ParseSyncPolicyError, SyncPolicy};
-pub use worker::{spawn_storage_worker, PersistRequest, Persisted, StorageWorker};
+pub use worker::{
+    gather_delay, spawn_storage_worker, spawn_storage_worker_with_delay, PersistRequest, Persisted,
+    StorageWorker, DEFAULT_COMMIT_DELAY,
+};
 
 /// A storage engine: versions per key, grouped by partition, plus small metadata.
 ///

@@ -143,6 +143,10 @@ struct PendingForward {
     origin: Origin,
     to: NodeId,
     deadline: Millis,
+    /// The write, for the next primary should `to` say it cannot coordinate it.
+    request: ClientRequest,
+    /// Primaries not tried yet, best first.
+    untried: Vec<NodeId>,
 }
 
 #[derive(Debug)]
@@ -449,14 +453,27 @@ impl Node {
                 self.handle_request(now, origin, request);
             }
             PeerMessage::ForwardReply { req, reply } => {
-                if let Some(Pending::Forward(f)) = self.pending.get(&req) {
-                    if &f.to == from {
-                        let Some(Pending::Forward(f)) = self.remove_pending(req) else {
-                            unreachable!("checked above");
-                        };
-                        self.answer(f.origin, reply);
-                    }
+                let Some(Pending::Forward(f)) = self.pending.get_mut(&req) else {
+                    return;
+                };
+                if &f.to != from {
+                    return;
                 }
+                // A primary that cannot coordinate the write (it cannot read
+                // its copy, or its ring disagrees) says so with Unavailable
+                // before doing anything: the next primary may.
+                if matches!(reply, ClientReply::Error(ClientError::Unavailable(_)))
+                    && !f.untried.is_empty()
+                {
+                    f.to = f.untried.remove(0);
+                    let (to, request) = (f.to.clone(), f.request.clone());
+                    self.send(&to, PeerMessage::Forward { req, request });
+                    return;
+                }
+                let Some(Pending::Forward(f)) = self.remove_pending(req) else {
+                    unreachable!("checked above");
+                };
+                self.answer(f.origin, reply);
             }
         }
     }
@@ -764,7 +781,30 @@ impl Node {
         }
         let local = match self.load(partition, &key) {
             Ok(set) => set.unwrap_or_default(),
-            Err(e) => return self.answer(origin, ClientReply::Error(ClientError::Internal(e))),
+            Err(e) => {
+                // Without its own copy this node cannot mint on top of it, but
+                // another primary can coordinate the write, as for a node
+                // outside the preference list. Once only: a forwarded write
+                // that meets an unreadable copy fails here.
+                let others: Vec<NodeId> = primaries
+                    .iter()
+                    .filter(|p| **p != self.config.node)
+                    .cloned()
+                    .collect();
+                if matches!(origin, Origin::Client { .. }) && !others.is_empty() {
+                    tracing::warn!(error = %e, "cannot read the local copy; another primary coordinates the write");
+                    return self.forward(now, origin, others, key, value, context, w, mode);
+                }
+                // A forwarder tries the next primary on Unavailable.
+                let e = match origin {
+                    Origin::Forwarded { .. } => ClientError::Unavailable(format!(
+                        "{} cannot read its copy of the key to coordinate the write: {e}",
+                        self.config.node
+                    )),
+                    Origin::Client { .. } => ClientError::Internal(e),
+                };
+                return self.answer(origin, ClientReply::Error(e));
+            }
         };
         // In LWW mode the new write must sort after what it replaces here.
         self.hlc_observe(&local);
@@ -845,12 +885,11 @@ impl Node {
         // A primary known to be connected first, then one not yet reached (a
         // node that just restarted has not finished greeting everyone, and an
         // attempt at a frozen peer can take seconds to fail), then one whose
-        // connection failed; the first in preference-list order of the best.
-        let to = primaries
-            .iter()
-            .min_by_key(|p| self.membership.reachability(p))
-            .unwrap_or(&primaries[0])
-            .clone();
+        // connection failed; in preference-list order among equals. Should
+        // one answer that it cannot coordinate the write, the next is tried.
+        let mut untried = primaries;
+        untried.sort_by_key(|p| self.membership.reachability(p));
+        let to = untried.remove(0);
         let req = self.next_request();
         let request = ClientRequest::Put {
             key,
@@ -859,7 +898,13 @@ impl Node {
             w,
             mode,
         };
-        self.send(&to, PeerMessage::Forward { req, request });
+        self.send(
+            &to,
+            PeerMessage::Forward {
+                req,
+                request: request.clone(),
+            },
+        );
         let deadline = now + self.config.request_timeout_ms;
         self.insert_pending(
             req,
@@ -867,6 +912,8 @@ impl Node {
                 origin,
                 to,
                 deadline,
+                request,
+                untried,
             }),
         );
     }

@@ -471,6 +471,80 @@ fn back_to_back_writes_of_one_key_reach_each_replica_folded() {
 }
 
 #[test]
+fn a_primary_that_cannot_read_its_copy_has_another_coordinate_the_write() {
+    let mut c = Cluster::new(3, 3, 2, 2);
+    let key = k("k");
+    let primaries = c.primaries(&key);
+    let (failing, other) = (primaries[0].clone(), primaries[1].clone());
+    expect_put(c.put(failing.as_str(), &key, b"v1", None));
+    c.settle();
+    c.node_mut(failing.as_str())
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .fail_reads = true;
+    let before = c.delivered.len();
+    let reply = c.put(failing.as_str(), &key, b"v2", None);
+    let (dot, _) = expect_put(reply);
+    assert_ne!(
+        dot.actor,
+        c.node(failing.as_str()).actor(),
+        "minted elsewhere"
+    );
+    assert!(
+        c.delivered[before..]
+            .iter()
+            .any(|m| m.starts_with(&format!("{failing}->")) && m.contains("Forward {")),
+        "forwarded to another primary: {:?}",
+        &c.delivered[before..]
+    );
+    c.node_mut(failing.as_str())
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .fail_reads = false;
+    let got = expect_get(c.get(other.as_str(), &key, Some(3)));
+    // A write without a context leaves a sibling, wherever it was minted.
+    assert_eq!(values(&got), ["v1", "v2"]);
+    // With every primary unable to read, each is tried once and the write
+    // fails with the read error.
+    for p in &primaries {
+        c.node_mut(p.as_str()).disk.0.lock().unwrap().fail_reads = true;
+    }
+    let reply = c.put(failing.as_str(), &key, b"v3", None);
+    assert!(
+        matches!(&reply, ClientReply::Error(ClientError::Unavailable(t))
+            if t.contains("cannot read its copy") && t.contains("injected read failure")),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn a_forwarded_write_goes_on_to_the_next_primary_when_one_cannot_read() {
+    // Three nodes, N = 2: one node is not a primary of the key and forwards.
+    let mut c = Cluster::new(3, 2, 1, 1);
+    let key = k("k");
+    let primaries = c.primaries(&key);
+    let outsider = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !primaries.iter().any(|p| p.as_str() == *n))
+        .unwrap();
+    expect_put(c.put(outsider, &key, b"v1", None));
+    c.settle();
+    // The first primary in preference order cannot read its copy.
+    c.node_mut(primaries[0].as_str())
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .fail_reads = true;
+    let (dot, _) = expect_put(c.put(outsider, &key, b"v2", None));
+    assert_eq!(dot.actor, c.node(primaries[1].as_str()).actor());
+}
+
+#[test]
 fn a_replica_that_cannot_read_fails_every_folded_write_at_once() {
     let mut c = Cluster::new(3, 3, 2, 3);
     let key = k("hot");

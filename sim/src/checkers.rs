@@ -42,14 +42,17 @@ pub struct CheckParams {
 
 /// The cluster's fault state over `[from_ms, to_ms)`: which nodes are down
 /// (crashed, paused or with a failed disk), which have a stalled disk (up,
-/// but they can make no write durable), and whether the network was clean (no
-/// partition, no loss, latency under a quarter of the request timeout).
+/// but they can make no write durable), which cannot read their disk (up, but
+/// they can neither answer a read nor merge a write), and whether the network
+/// was clean (no partition, no loss, latency under a quarter of the request
+/// timeout).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultWindow {
     pub from_ms: u64,
     pub to_ms: u64,
     pub down: BTreeSet<String>,
     pub stalled: BTreeSet<String>,
+    pub unreadable: BTreeSet<String>,
     pub network_clean: bool,
 }
 
@@ -1014,9 +1017,12 @@ fn availability_in(ix: &Index) -> Verdict {
             continue;
         };
         // A primary whose disk stalls makes no write durable, so it cannot
-        // count towards W; reads it answers as ever.
+        // count towards W (reads it answers as ever); one that cannot read its
+        // disk counts towards neither (a write merges into what it reads).
         let unable = |node: &String| {
-            window.down.contains(node) || (op.kind.is_write() && window.stalled.contains(node))
+            window.down.contains(node)
+                || window.unreadable.contains(node)
+                || (op.kind.is_write() && window.stalled.contains(node))
         };
         let down: Vec<&str> = primaries
             .iter()
@@ -1035,8 +1041,9 @@ fn availability_in(ix: &Index) -> Verdict {
         let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
         return liveness(format!(
             "{}: {} failed although invoked {}ms into a clean fault window [{}ms, {}ms) with \
-             nodes down [{}] and disks stalled [{}], its node up, and {} of its primaries [{}] \
-             unable to take part (N - {name} = {} - {} = {tolerated} tolerated)",
+             nodes down [{}], disks stalled [{}] and unreadable [{}], its node up, and {} of \
+             its primaries [{}] unable to take part (N - {name} = {} - {} = {tolerated} \
+             tolerated)",
             show_key(key),
             show_op(op),
             op.invoked_ms - window.from_ms,
@@ -1044,6 +1051,7 @@ fn availability_in(ix: &Index) -> Verdict {
             window.to_ms,
             names(&window.down),
             names(&window.stalled),
+            names(&window.unreadable),
             down.len(),
             primaries.join(", "),
             p.n,
@@ -1367,6 +1375,7 @@ mod tests {
             to_ms: 100,
             down: BTreeSet::new(),
             stalled: BTreeSet::new(),
+            unreadable: BTreeSet::new(),
             network_clean: true,
         };
         let no_crash = CheckParams {
@@ -1745,6 +1754,7 @@ mod tests {
                 to_ms: 10_000,
                 down: ["n1".to_string(), "n2".to_string()].into(),
                 stalled: BTreeSet::new(),
+                unreadable: BTreeSet::new(),
                 network_clean: true,
             },
             FaultWindow {
@@ -1752,6 +1762,7 @@ mod tests {
                 to_ms: 30_000,
                 down: ["n3".to_string()].into(),
                 stalled: BTreeSet::new(),
+                unreadable: BTreeSet::new(),
                 network_clean: true,
             },
         ]
@@ -1846,6 +1857,14 @@ mod tests {
             h.get((20_000, Some(21_000)), Outcome::TimedOut).to("n1");
         };
         assert!(is_failure(judge(get, stalled)));
+        // With n2 unable to read its disk instead, neither can be met.
+        let mut unreadable = windows();
+        unreadable[1].unreadable.insert("n2".into());
+        assert_eq!(
+            judge(timed_out_put(20_000, "n1"), unreadable.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(judge(get, unreadable), Verdict::Pass);
         // Without fault windows the checker does not run.
         assert!(matches!(
             judge(timed_out_put(20_000, "n1"), Vec::new()),
@@ -1945,6 +1964,7 @@ mod tests {
                 to_ms: 100_000,
                 down: BTreeSet::new(),
                 stalled: BTreeSet::new(),
+                unreadable: BTreeSet::new(),
                 network_clean: true,
             }],
             ..params()

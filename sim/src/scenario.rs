@@ -239,6 +239,13 @@ pub enum Action {
         node: String,
         duration: Millis,
     },
+    /// Every read of the node's stored data fails for `duration` (unreadable
+    /// sectors); writes and syncs go on. The node stays up: it answers gets
+    /// and replication with the read error.
+    ReadFail {
+        node: String,
+        duration: Millis,
+    },
     /// Freeze the node (its tasks stop; its sockets stay open).
     Pause {
         node: String,
@@ -298,6 +305,7 @@ impl Action {
             Action::Restart { .. } => "restart",
             Action::DiskFail { .. } => "disk_fail",
             Action::DiskStall { .. } => "disk_stall",
+            Action::ReadFail { .. } => "read_fail",
             Action::Pause { .. } => "pause",
             Action::Resume { .. } => "resume",
             Action::Partition { .. } => "partition",
@@ -332,6 +340,8 @@ pub struct SwarmSpec {
     pub disk_fail: bool,
     /// Also stall disks (`disk_stall`), likewise from a stream of their own.
     pub disk_stall: bool,
+    /// Also make disks' reads fail for a while (`read_fail`), likewise.
+    pub read_fail: bool,
     pub max_loss: f64,
     pub max_latency: Millis,
     pub max_skew: Millis,
@@ -353,6 +363,7 @@ impl Default for SwarmSpec {
             // failures keeps meaning what it did.
             disk_fail: false,
             disk_stall: false,
+            read_fail: false,
             max_loss: 0.2,
             max_latency: Millis(100),
             max_skew: Millis(2_000),
@@ -417,11 +428,18 @@ fn disk_failures(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
     steps
 }
 
-/// A swarm seed's disk stalls: in one seed in three, one to three stalls of
-/// half a second to a third of the run, on random nodes at random times. Drawn
-/// from a stream of their own, as disk failures are.
-fn disk_stalls(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a11_ed15);
+/// A swarm seed's timed disk faults of one kind (stalls, failing reads): in
+/// one seed in three, one to three of them, each of half a second to a third
+/// of the run, on random nodes at random times. Each kind draws from a stream
+/// of its own (`salt`), as disk failures do.
+fn timed_disk_faults(
+    seed: u64,
+    salt: u64,
+    names: &[String],
+    duration: u64,
+    fault: fn(String, Millis) -> Action,
+) -> Vec<Step> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt);
     if !rng.gen_bool(1.0 / 3.0) {
         return Vec::new();
     }
@@ -430,10 +448,7 @@ fn disk_stalls(seed: u64, names: &[String], duration: u64) -> Vec<Step> {
             let (at, end, node) = draw_window(&mut rng, names, duration);
             Step {
                 at: Millis(at),
-                action: Action::DiskStall {
-                    node,
-                    duration: Millis(end - at),
-                },
+                action: fault(node, Millis(end - at)),
             }
         })
         .collect()
@@ -535,11 +550,12 @@ impl Scenario {
                 Action::Latency { min, max } => {
                     anyhow::ensure!(min <= max && min.0 >= 1, "latency is min..max, min >= 1ms")
                 }
-                Action::DiskStall { node, duration } => {
+                Action::DiskStall { node, duration } | Action::ReadFail { node, duration } => {
                     known(node)?;
                     anyhow::ensure!(
                         duration.0 >= 1,
-                        "disk_stall needs a duration of at least 1ms"
+                        "{} needs a duration of at least 1ms",
+                        step.action.name()
                     );
                 }
                 Action::Heal => {}
@@ -694,7 +710,22 @@ impl Scenario {
             steps.extend(disk_failures(seed, &names, duration));
         }
         if swarm.disk_stall {
-            steps.extend(disk_stalls(seed, &names, duration));
+            steps.extend(timed_disk_faults(
+                seed,
+                0x5a11_ed15,
+                &names,
+                duration,
+                |node, duration| Action::DiskStall { node, duration },
+            ));
+        }
+        if swarm.read_fail {
+            steps.extend(timed_disk_faults(
+                seed,
+                0xbad5_ec70,
+                &names,
+                duration,
+                |node, duration| Action::ReadFail { node, duration },
+            ));
         }
         steps.sort_by_key(|s| s.at);
         s.steps = steps;
@@ -793,22 +824,40 @@ mod tests {
     }
 
     #[test]
-    fn swarm_disk_stalls_add_steps_and_change_no_other_draw() {
-        let added = steps_added_by("disk_stall");
-        for (seed, stalls) in &added {
-            assert!(stalls.len() <= 3, "seed {seed}: {stalls:?}");
-            for stall in stalls {
-                let Action::DiskStall { duration, .. } = &stall.action else {
-                    panic!("seed {seed}: not a stall: {stall:?}");
-                };
-                assert!(duration.0 >= 1, "seed {seed}: {stall:?}");
+    fn swarm_disk_stalls_and_read_failures_add_steps_and_change_no_other_draw() {
+        for flag in ["disk_stall", "read_fail"] {
+            let added = steps_added_by(flag);
+            for (seed, faults) in &added {
+                assert!(faults.len() <= 3, "{flag} seed {seed}: {faults:?}");
+                for fault in faults {
+                    let (Action::DiskStall { duration, .. } | Action::ReadFail { duration, .. }) =
+                        &fault.action
+                    else {
+                        panic!("{flag} seed {seed}: not a timed disk fault: {fault:?}");
+                    };
+                    assert_eq!(fault.action.name(), flag);
+                    assert!(duration.0 >= 1, "{flag} seed {seed}: {fault:?}");
+                }
             }
+            let seeds_with = added.iter().filter(|(_, a)| !a.is_empty()).count();
+            assert!(
+                (10..=35).contains(&seeds_with),
+                "{flag}: {seeds_with} of 60"
+            );
         }
-        let seeds_with_stalls = added.iter().filter(|(_, a)| !a.is_empty()).count();
-        assert!(
-            (10..=35).contains(&seeds_with_stalls),
-            "{seeds_with_stalls} of 60"
-        );
+        // The two kinds draw from streams of their own.
+        let both =
+            Scenario::parse("name = \"swarm\"\n[swarm]\ndisk_stall = true\nread_fail = true\n")
+                .unwrap();
+        let differ = (0..60)
+            .filter(|&seed| {
+                let steps = both.resolve(seed).steps;
+                let stalls = steps.iter().filter(|s| s.action.name() == "disk_stall");
+                let reads = steps.iter().filter(|s| s.action.name() == "read_fail");
+                stalls.map(|s| s.at).collect::<Vec<_>>() != reads.map(|s| s.at).collect::<Vec<_>>()
+            })
+            .count();
+        assert!(differ >= 20, "{differ} of 60");
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub struct World {
     partitioned: bool,
     windows: Vec<FaultWindow>,
     window_start_ms: u64,
-    /// Disk stalls: the node's name and `[from_ms, to_ms)`.
-    stalls: Vec<(String, u64, u64)>,
+    /// Timed disk faults (`disk_stall`, `read_fail`): the node's name,
+    /// `[from_ms, to_ms)` and the action's name.
+    timed_disk_faults: Vec<(String, u64, u64, &'static str)>,
     pub faults_injected: usize,
     start: madsim::time::Instant,
     /// Nodes (by index) whose disk failed, asking to be stopped.
@@ -198,7 +199,7 @@ impl World {
             partitioned: false,
             windows: Vec::new(),
             window_start_ms: 0,
-            stalls: Vec::new(),
+            timed_disk_faults: Vec::new(),
             faults_injected: 0,
             start: madsim::time::Instant::now(),
             failed_disks: failed_disks_rx,
@@ -258,16 +259,21 @@ impl World {
                     self.nodes[i].disk_failed = true;
                 }
             }
-            Action::DiskStall { node, duration } => {
+            Action::DiskStall { node, duration } | Action::ReadFail { node, duration } => {
                 let i = self.index(node);
                 let now = self.elapsed_ms();
-                self.stalls
-                    .push((node.clone(), now, now.saturating_add(duration.0)));
-                // The disk stalls whether or not its node is up; a node
-                // restarted meanwhile finds it still stalled.
-                self.nodes[i]
-                    .storage
-                    .stall_syncs(Duration::from_millis(duration.0));
+                let to = now.saturating_add(duration.0);
+                self.timed_disk_faults
+                    .push((node.clone(), now, to, action.name()));
+                // The disk misbehaves whether or not its node is up; a node
+                // restarted meanwhile finds it so.
+                let storage = &self.nodes[i].storage;
+                match action {
+                    Action::DiskStall { .. } => {
+                        storage.stall_syncs(Duration::from_millis(duration.0))
+                    }
+                    _ => storage.fail_reads(Duration::from_millis(duration.0)),
+                }
             }
             Action::Restart { node } => {
                 let i = self.index(node);
@@ -432,14 +438,14 @@ impl World {
     }
 
     /// The windows of the fault state that holds since the last change, up to
-    /// `to_ms`: one, or more where disk stalls end meanwhile (a stall ends
+    /// `to_ms`: one, or more where timed disk faults end meanwhile (they end
     /// without a step).
     fn windows_until(&self, to_ms: u64) -> Vec<FaultWindow> {
         let from_ms = self.window_start_ms;
         let mut cuts: Vec<u64> = self
-            .stalls
+            .timed_disk_faults
             .iter()
-            .map(|&(_, _, end)| end)
+            .map(|&(_, _, end, _)| end)
             .filter(|&end| from_ms < end && end < to_ms)
             .collect();
         cuts.sort_unstable();
@@ -466,16 +472,21 @@ impl World {
                 .filter(|n| n.crashed || n.paused || n.disk_failed)
                 .map(|n| n.name.clone())
                 .collect(),
-            stalled: self
-                .stalls
-                .iter()
-                .filter(|&&(_, from, to)| from < to_ms && from_ms < to)
-                .map(|(node, _, _)| node.clone())
-                .collect(),
+            stalled: self.disk_faulty("disk_stall", from_ms, to_ms),
+            unreadable: self.disk_faulty("read_fail", from_ms, to_ms),
             network_clean: !self.partitioned
                 && self.loss == 0.0
                 && self.latency_max_ms * 4 < timeout,
         }
+    }
+
+    /// The nodes with a timed disk fault `kind` during `[from_ms, to_ms)`.
+    fn disk_faulty(&self, kind: &str, from_ms: u64, to_ms: u64) -> BTreeSet<String> {
+        self.timed_disk_faults
+            .iter()
+            .filter(|&&(_, from, to, k)| k == kind && from < to_ms && from_ms < to)
+            .map(|(node, ..)| node.clone())
+            .collect()
     }
 
     /// Every fault window, the last one open until `end_ms`.

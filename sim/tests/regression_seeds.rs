@@ -44,12 +44,13 @@ fn every_regression_seed_passes() {
     let mut failed = Vec::new();
     for &(text, seed, found) in SEEDS {
         let mut scenario = Scenario::parse(text).unwrap();
-        // Every seed here was found before the swarm drew disk failures and
-        // stalls, so each replays without them (a seed found with them will
-        // need this made per entry).
+        // Every seed here was found before the swarm drew disk failures,
+        // stalls and read failures, so each replays without them (a seed
+        // found with them will need this made per entry).
         if let Some(swarm) = scenario.swarm.as_mut() {
             swarm.disk_fail = false;
             swarm.disk_stall = false;
+            swarm.read_fail = false;
         }
         let scenario = scenario.resolve(seed);
         let name = scenario.name.clone();

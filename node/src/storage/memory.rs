@@ -50,6 +50,9 @@ struct Inner {
     /// A sync that starts before this instant waits for it first (a stalled
     /// disk, fault injection).
     stalled_until: Option<tokio::time::Instant>,
+    /// Until this instant every read of stored data fails (unreadable sectors,
+    /// fault injection).
+    unreadable_until: Option<tokio::time::Instant>,
 }
 
 impl MemoryStorage {
@@ -104,6 +107,16 @@ impl MemoryStorage {
         inner.stalled_until = Some(inner.stalled_until.map_or(until, |t| t.max(until)));
     }
 
+    /// Makes every read of stored data (`get`, `scan_partition`) fail with an
+    /// I/O error for `duration` from now, as unreadable sectors do; writes,
+    /// syncs and metadata keep working. A later window that ends sooner does
+    /// not shorten an earlier one.
+    pub fn fail_reads(&self, duration: std::time::Duration) {
+        let until = tokio::time::Instant::now() + duration;
+        let mut inner = self.lock();
+        inner.unreadable_until = Some(inner.unreadable_until.map_or(until, |t| t.max(until)));
+    }
+
     /// How many writes were applied since the last sync (and a crash would lose).
     pub fn unsynced_len(&self) -> usize {
         self.lock().unsynced.len()
@@ -138,9 +151,23 @@ fn injected(op: &'static str) -> StorageError {
     StorageError::io(op, "injected fault (MemoryStorage::set_failing)")
 }
 
+impl Inner {
+    /// Fails while reads are made to fail ([`MemoryStorage::fail_reads`]).
+    fn check_readable(&self) -> Result<(), StorageError> {
+        match self.unreadable_until {
+            Some(until) if tokio::time::Instant::now() < until => Err(StorageError::io(
+                "read",
+                "injected fault (MemoryStorage::fail_reads)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Storage for MemoryStorage {
     fn get(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StorageError> {
         let inner = self.lock();
+        inner.check_readable()?;
         match inner.visible.get(&storage_key(partition, key)) {
             Some(bytes) => decode_set(partition, key, bytes).map(Some),
             None => Ok(None),
@@ -189,6 +216,7 @@ impl Storage for MemoryStorage {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
         let inner = self.lock();
+        inner.check_readable()?;
         inner
             .visible
             .range(partition_range(partition, start_after))
@@ -281,6 +309,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let after = s.simulated_sync_latency();
         assert!(after <= Duration::from_millis(4), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn reads_fail_for_their_window_and_nothing_else_does() {
+        let s = MemoryStorage::new();
+        put(&s, b"k");
+        s.fail_reads(Duration::from_secs(60));
+        s.fail_reads(Duration::from_millis(1));
+        assert!(s.get(0, b"k").is_err());
+        assert!(s.scan_partition(0, None, 10).is_err());
+        put(&s, b"j");
+        s.sync().unwrap();
+        s.put_meta("m", b"v").unwrap();
+        assert_eq!(s.get_meta("m").unwrap(), Some(b"v".to_vec()));
+        let s = MemoryStorage::new();
+        put(&s, b"k");
+        s.fail_reads(Duration::from_millis(20));
+        assert!(s.get(0, b"k").is_err());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(s.get(0, b"k").unwrap().is_some());
     }
 
     #[test]

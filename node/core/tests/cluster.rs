@@ -478,12 +478,7 @@ fn a_primary_that_cannot_read_its_copy_has_another_coordinate_the_write() {
     let (failing, other) = (primaries[0].clone(), primaries[1].clone());
     expect_put(c.put(failing.as_str(), &key, b"v1", None));
     c.settle();
-    c.node_mut(failing.as_str())
-        .disk
-        .0
-        .lock()
-        .unwrap()
-        .fail_reads = true;
+    c.fail_reads(failing.as_str(), true);
     let before = c.delivered.len();
     let reply = c.put(failing.as_str(), &key, b"v2", None);
     let (dot, _) = expect_put(reply);
@@ -499,19 +494,14 @@ fn a_primary_that_cannot_read_its_copy_has_another_coordinate_the_write() {
         "forwarded to another primary: {:?}",
         &c.delivered[before..]
     );
-    c.node_mut(failing.as_str())
-        .disk
-        .0
-        .lock()
-        .unwrap()
-        .fail_reads = false;
+    c.fail_reads(failing.as_str(), false);
     let got = expect_get(c.get(other.as_str(), &key, Some(3)));
     // A write without a context leaves a sibling, wherever it was minted.
     assert_eq!(values(&got), ["v1", "v2"]);
     // With every primary unable to read, each is tried once and the write
     // fails with the read error.
     for p in &primaries {
-        c.node_mut(p.as_str()).disk.0.lock().unwrap().fail_reads = true;
+        c.fail_reads(p.as_str(), true);
     }
     let reply = c.put(failing.as_str(), &key, b"v3", None);
     assert!(
@@ -534,12 +524,7 @@ fn a_forwarded_write_goes_on_to_the_next_primary_when_one_cannot_read() {
     expect_put(c.put(outsider, &key, b"v1", None));
     c.settle();
     // The first primary in preference order cannot read its copy.
-    c.node_mut(primaries[0].as_str())
-        .disk
-        .0
-        .lock()
-        .unwrap()
-        .fail_reads = true;
+    c.fail_reads(primaries[0].as_str(), true);
     let (dot, _) = expect_put(c.put(outsider, &key, b"v2", None));
     assert_eq!(dot.actor, c.node(primaries[1].as_str()).actor());
 }
@@ -550,12 +535,7 @@ fn a_replica_that_cannot_read_fails_every_folded_write_at_once() {
     let key = k("hot");
     let primaries = c.primaries(&key);
     let coord = primaries[0].to_string();
-    c.node_mut(primaries[1].as_str())
-        .disk
-        .0
-        .lock()
-        .unwrap()
-        .fail_reads = true;
+    c.fail_reads(primaries[1].as_str(), true);
     let first = c.submit(&coord, put_req(&key, Some(b"1"), None, None));
     let second = c.submit(&coord, put_req(&key, Some(b"2"), None, None));
     let before = c.now;
@@ -838,7 +818,7 @@ fn a_get_that_fails_on_this_nodes_own_read_says_so() {
         c.put("n1", &key, b"v", None),
         ClientReply::Put { .. }
     ));
-    c.node_mut("n1").disk.0.lock().unwrap().fail_reads = true;
+    c.fail_reads("n1", true);
     let reply = c.get("n1", &key, None);
     let ClientReply::Error(error) = &reply else {
         panic!("{reply:?}");
@@ -899,12 +879,7 @@ fn a_get_that_fails_on_a_replicas_read_says_so_at_once() {
     // A replica whose copy cannot be read answers with the error, instead of
     // staying silent until the get times out and blames the quorum.
     let (mut c, key, coord, broken) = a_key_stored_everywhere();
-    c.node_mut(broken.as_str())
-        .disk
-        .0
-        .lock()
-        .unwrap()
-        .fail_reads = true;
+    c.fail_reads(broken.as_str(), true);
     let cause = "storage read failed: injected read failure";
     a_failed_read_is_reported_and_not_repaired(&mut c, &key, &coord, &broken, cause);
 }

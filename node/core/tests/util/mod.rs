@@ -134,6 +134,11 @@ impl Cluster {
         self.nodes.get_mut(&NodeId::from(id)).unwrap()
     }
 
+    /// Makes every read of `id`'s disk fail (`true`) or work again.
+    pub fn fail_reads(&mut self, id: &str, fail: bool) {
+        self.node_mut(id).disk.0.lock().unwrap().fail_reads = fail;
+    }
+
     /// The primaries of `key` in ring order.
     pub fn primaries(&self, key: &[u8]) -> Vec<NodeId> {
         let node = self.nodes.values().next().unwrap();

@@ -498,13 +498,10 @@ impl Node {
             } => set,
             _ => return Some(msg),
         };
-        if version::is_well_formed(set) {
+        let Some(why) = version::malformation(set) else {
             return Some(msg);
-        }
-        let error = format!(
-            "malformed version set from {from} refused: a sibling its context does not cover, \
-             or a context not in compact form"
-        );
+        };
+        let error = format!("malformed version set from {from} refused: {why}");
         tracing::error!(peer = %from, "{error}");
         match msg {
             PeerMessage::Replicate { reqs, .. } => {

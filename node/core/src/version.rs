@@ -279,13 +279,32 @@ pub fn max_counter(ctx: &Context, actor: &Actor) -> u64 {
 /// write that finds its actor's counters used up is refused with
 /// [`VersionError::CounterExhausted`].
 pub fn is_well_formed(set: &DvvSet) -> bool {
+    malformation(set).is_none()
+}
+
+/// What breaks [`is_well_formed`] in `set`, if anything: the first broken rule,
+/// naming the actor or dot, for an operator reading the error.
+pub fn malformation(set: &DvvSet) -> Option<String> {
     let ctx = &set.context;
-    ctx.vv.values().all(|&counter| counter > 0)
-        && ctx
-            .dots
-            .iter()
-            .all(|dot| dot.counter.saturating_sub(vv_entry(ctx, &dot.actor)) > 1)
-        && set.siblings.keys().all(|dot| covers(ctx, dot))
+    if let Some((actor, _)) = ctx.vv.iter().find(|&(_, &counter)| counter == 0) {
+        return Some(format!(
+            "its context's version vector holds counter 0 for {actor}"
+        ));
+    }
+    if let Some(dot) = ctx
+        .dots
+        .iter()
+        .find(|dot| dot.counter.saturating_sub(vv_entry(ctx, &dot.actor)) <= 1)
+    {
+        return Some(format!(
+            "its context is not compact: exception dot {dot} is covered by or next to its \
+             version vector"
+        ));
+    }
+    set.siblings
+        .keys()
+        .find(|dot| !covers(ctx, dot))
+        .map(|dot| format!("sibling {dot} is not covered by its context"))
 }
 
 /// The replication and read-repair merge of two sets (see [`merge_into`]).

@@ -337,12 +337,8 @@ pub(crate) fn decode_set(partition: u32, key: &[u8], bytes: &[u8]) -> Result<Dvv
             bytes.len() - rest.len()
         )));
     }
-    if !version::is_well_formed(&set) {
-        return Err(corrupt(
-            "the set is malformed: a sibling its context does not cover, or a context not in \
-             compact form"
-                .into(),
-        ));
+    if let Some(why) = version::malformation(&set) {
+        return Err(corrupt(format!("the set is malformed: {why}")));
     }
     Ok(set)
 }

@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dynamo_core::store::LocalStore;
 use dynamo_node::storage::{
-    open_identity, spawn_storage_worker, MemoryStorage, PersistRequest, Persisted, Storage,
-    StorageError, StoreReader, SyncPolicy, WriteOp,
+    open_identity, spawn_storage_worker, spawn_storage_worker_with_delay, MemoryStorage,
+    PersistRequest, Persisted, Storage, StorageError, StoreReader, SyncPolicy, WriteOp,
 };
 use dynamo_proto::{Actor, Dot, DvvSet, Hlc, Sibling};
 use proptest::prelude::*;
@@ -520,6 +521,34 @@ async fn always_reports_every_request_and_groups_syncs() {
     worker.shutdown().await.unwrap();
 }
 
+/// After a batch of many requests the next batch gathers: a write that
+/// arrives a millisecond after another joins its sync. (Without the delay the
+/// first is synced alone, at once, on an idle machine; that is not asserted,
+/// since a busy one may coalesce them anyway.)
+#[tokio::test]
+async fn a_busy_worker_lets_the_next_batch_gather_before_its_sync() {
+    let storage = Arc::new(Instrumented::default());
+    let delay = Duration::from_millis(10);
+    let (worker, mut rx) =
+        spawn_storage_worker_with_delay(storage.clone(), SyncPolicy::Always, delay);
+    // A batch of 400 requests: the next one gathers 25 us x 400, up to 10 ms.
+    worker.submit_all((0..400).map(request).collect());
+    collect(&mut rx, 400).await;
+    let before = storage.syncs.load(Ordering::SeqCst);
+    worker.submit(request(400));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    worker.submit(request(401));
+    let (ok, failed) = collect(&mut rx, 2).await;
+    assert!(failed.is_empty());
+    assert_eq!(ok, [400, 401]);
+    assert_eq!(
+        storage.syncs.load(Ordering::SeqCst) - before,
+        1,
+        "one sync for both"
+    );
+    worker.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn back_to_back_writes_of_one_key_reach_the_engine_once() {
     let storage = Arc::new(Instrumented::default());
@@ -640,7 +669,7 @@ async fn interval_acks_at_once_and_syncs_on_the_timer() {
     let mut waited_ms = 0;
     while storage.inner.unsynced_len() > 0 {
         assert!(waited_ms < 2000, "no periodic sync after {waited_ms} ms");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         waited_ms += 5;
     }
     assert!(storage.syncs.load(Ordering::SeqCst) >= 1);

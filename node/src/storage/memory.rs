@@ -102,9 +102,7 @@ impl MemoryStorage {
     /// what was not synced, as ever. A later stall that ends sooner does not
     /// shorten an earlier one.
     pub fn stall_syncs(&self, duration: std::time::Duration) {
-        let until = tokio::time::Instant::now() + duration;
-        let mut inner = self.lock();
-        inner.stalled_until = Some(inner.stalled_until.map_or(until, |t| t.max(until)));
+        extend(&mut self.lock().stalled_until, duration);
     }
 
     /// Makes every read of stored data (`get`, `scan_partition`) fail with an
@@ -112,9 +110,7 @@ impl MemoryStorage {
     /// syncs and metadata keep working. A later window that ends sooner does
     /// not shorten an earlier one.
     pub fn fail_reads(&self, duration: std::time::Duration) {
-        let until = tokio::time::Instant::now() + duration;
-        let mut inner = self.lock();
-        inner.unreadable_until = Some(inner.unreadable_until.map_or(until, |t| t.max(until)));
+        extend(&mut self.lock().unreadable_until, duration);
     }
 
     /// How many writes were applied since the last sync (and a crash would lose).
@@ -145,6 +141,12 @@ fn apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, key: Vec<u8>, value: Option<Vec<u
             map.remove(&key);
         }
     }
+}
+
+/// Moves a fault window's end to `duration` from now, unless it already ends later.
+fn extend(until: &mut Option<tokio::time::Instant>, duration: std::time::Duration) {
+    let end = tokio::time::Instant::now() + duration;
+    *until = Some(until.map_or(end, |t| t.max(end)));
 }
 
 fn injected(op: &'static str) -> StorageError {

@@ -413,9 +413,47 @@ run_dynamo_bench() { # name concurrency, then more dynamo bench flags
         die "dynamo bench $name failed: $(tail -5 "$WORK/results/$name.txt")"
     log "  $name: $(json_field "$WORK/results/$name.json" throughput_ops_per_s) ops/s, p99 $(json_field "$WORK/results/$name.json" p99_ms) ms, errors $(json_field "$WORK/results/$name.json" errors)"
 }
+# What the machine did inside a run: snapshot NAME records the machine's CPU
+# counters, the nodes' CPU time and each node's /metrics; window NAME samples
+# one snapshot 2 s into a run (past dynamo bench's 1 s warm-up) and one
+# WINDOW_SECS later, in the background. BENCHMARKS.md reports, per window,
+# how busy the machine was, the nodes' CPU per operation and the journal
+# fsyncs that took long: what a missed latency target was bounded by.
+snapshot() {
+    local out=$WORK/results/$1 i pid
+    {
+        head -1 /proc/stat
+        for pid in $DEV_CHILDREN; do
+            echo "node $(awk '{ print $14 + $15, $24 }' "/proc/$pid/stat" 2>/dev/null || echo 0 0)"
+        done
+        echo "hz $(getconf CLK_TCK) $(getconf PAGESIZE)"
+    } >"$out.proc"
+    for i in 0 1 2; do
+        curl -sf "http://127.0.0.1:$((HTTP_PORT + i))/metrics" >"$out.n$i.prom" || : >"$out.n$i.prom"
+    done
+}
+WINDOW_SECS=$(python3 -c '
+import re, sys
+m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", sys.argv[1])
+secs = float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m[2]] if m else 0
+print(int(min(secs - 3, 8)) if secs >= 5 else 0)' "$DURATION")
+WINDOWS=""
+WINDOW_PID=""
+window() {
+    [ "$WINDOW_SECS" -gt 0 ] || return 0
+    WINDOWS="$WINDOWS $1"
+    (sleep 2 && snapshot "$1.a" && sleep "$WINDOW_SECS" && snapshot "$1.b") &
+    WINDOW_PID=$!
+}
+window_done() {
+    [ -z "$WINDOW_PID" ] || wait "$WINDOW_PID" || die "sampling the machine during a run failed"
+    WINDOW_PID=""
+}
 # The 100 B runs first (the 4 KiB prefill overwrites every key with 4 KiB values).
 run_dynamo_bench mixed-100 "$CONCURRENCY" --value-size 100 --read-ratio 0.5 --prefill
+window puts-100
 run_dynamo_bench puts-100 "$CONCURRENCY" --value-size 100 --read-ratio 0
+window_done
 MAX_100=$(json_field "$WORK/results/mixed-100.json" throughput_ops_per_s)
 RATE=$(python3 -c "import sys; print(max(1, int(float(sys.argv[1]) * $OPEN_LOOP_FRACTION)))" "$MAX_100")
 # Open loop: each worker owns every Nth slot of the schedule and issues one
@@ -426,7 +464,9 @@ RATE=$(python3 -c "import sys; print(max(1, int(float(sys.argv[1]) * $OPEN_LOOP_
 # for 50 ms between a worker's slots keeps the schedule independent of the
 # answers, which is what an open loop is for.
 OPEN_LOOP_WORKERS=$(python3 -c "import sys; print(max(2 * $CONCURRENCY, int(float(sys.argv[1]) * 0.05)))" "$RATE")
+window open-100
 run_dynamo_bench open-100 "$OPEN_LOOP_WORKERS" --value-size 100 --read-ratio 0.5 --rate "$RATE"
+window_done
 # The peak sweep after the open loop: its heavy writes leave flushes and
 # compactions behind, which the open loop's latency must not inherit.
 for c in $PEAK_CLIENTS; do
@@ -519,7 +559,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 NOISY=$(awk -v n="$(nproc)" '{ print ($1 > n / 2 || $2 > n / 2) ? "yes" : "no" }' <<<"$LOAD_START")
 
 export WORK REDIS_N REDIS_ROUNDS DURATION WRK_DURATION RATE ETCD_RPS ETCD_NON2XX ETCD_SOCKERR ETCD_KEYS \
-    ETCD_PUT_PATH CONCURRENCY OPEN_LOOP_FRACTION ETCD_PEAK PEAK_CLIENTS
+    ETCD_PUT_PATH CONCURRENCY OPEN_LOOP_FRACTION ETCD_PEAK PEAK_CLIENTS WINDOWS WINDOW_SECS
 TABLE=$(
     python3 - <<'EOF'
 import csv, json, os, statistics
@@ -609,6 +649,53 @@ for i in rounds:
         cells += [n(ours), n(base), f"{ours / base:.2f}x"]
     by_round.append("| " + " | ".join(cells) + " |")
 
+def proc_snapshot(path):
+    """(machine ticks, idle ticks), the nodes' CPU ticks and resident bytes, ticks per second."""
+    cpu, node, rss, hz, page = None, 0, 0, 100, 4096
+    for line in open(path):
+        f = line.split()
+        if f[0] == "cpu":
+            ticks = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+            cpu = (sum(ticks), ticks[3] + ticks[4])
+        elif f[0] == "node":
+            node += int(f[1])
+            rss += int(f[2])
+        elif f[0] == "hz":
+            hz, page = int(f[1]), int(f[2])
+    return cpu, node, rss * page, hz
+
+def sync_buckets(path):
+    """Journal fsyncs: (count, over 10 ms, over 100 ms) from one node's /metrics."""
+    b = {}
+    for line in open(path):
+        if line.startswith('dynamo_storage_sync_seconds_bucket{le="'):
+            le, count = line.split('"')[1], line.rsplit(" ", 1)[1]
+            b[le] = float(count)
+    if "+Inf" not in b:
+        return None
+    return b["+Inf"], b["+Inf"] - b.get("0.01", 0), b["+Inf"] - b.get("0.1", 0)
+
+secs = int(os.environ.get("WINDOW_SECS") or 0)
+inside = []
+for name in os.environ.get("WINDOWS", "").split():
+    try:
+        (ta, ia), node_a, rss_a, hz = proc_snapshot(w + name + ".a.proc")
+        (tb, ib), node_b, rss_b, _ = proc_snapshot(w + name + ".b.proc")
+        syncs = []
+        for i in range(3):
+            a, b = sync_buckets(w + f"{name}.a.n{i}.prom"), sync_buckets(w + f"{name}.b.n{i}.prom")
+            if a and b:
+                syncs.append(tuple(y - x for x, y in zip(a, b)))
+    except (OSError, TypeError, ValueError):
+        continue
+    doc = bench(name)
+    ops = doc["throughput_ops_per_s"] * secs
+    busy = 100 * (1 - (ib - ia) / max(1, tb - ta))
+    per_op = (node_b - node_a) / hz / max(1, ops) * 1e6
+    fmt = lambda k: "/".join(f"{s[k]:,.0f}" for s in syncs) or "?"
+    growth = (rss_b - rss_a) / max(1, secs) / 2**20
+    inside.append(f"| {name} | {n(doc['throughput_ops_per_s'])} | {busy:.0f}% | {per_op:.0f} us | {growth:.1f} MiB/s | {fmt(0)} | {fmt(1)} | {fmt(2)} | {doc['p99_ms']} |")
+
 peak = ["| clients | dynamo puts/s | p50 ms | p99 ms | etcd puts/s | ratio |", "|---|---|---|---|---|---|"]
 for c, doc, e in sweep:
     peak.append(f"| {c} | {n(doc['throughput_ops_per_s'])} | {doc['p50_ms']} | {doc['p99_ms']} | {n(e)} | {doc['throughput_ops_per_s'] / e:.2f}x |")
@@ -616,6 +703,14 @@ for c, doc, e in sweep:
 sections = [(None, lines), (None, lat)]
 if len(rounds) > 1:
     sections.append(("redis-benchmark on one key, by round (Redis ran first in odd rounds, node 1 in even ones):", by_round))
+if inside:
+    sections.append((f"Inside the runs ({secs} s from 2 s in): how busy the machine was, the three nodes' CPU per "
+                     "operation, how fast the three nodes' resident memory grew, and each node's journal fsyncs "
+                     "(n1/n2/n3) in all, over 10 ms and over 100 ms. A machine near 100% busy queues every request; "
+                     "a growing heap pays a page fault per new page (a 2 MiB one where transparent huge pages apply); "
+                     "each slow fsync holds back every write behind it:",
+                     ["| run | ops/s | machine CPU busy | nodes' CPU per op | nodes' memory growth | fsyncs | over 10 ms | over 100 ms | p99 ms |",
+                      "|---|---|---|---|---|---|---|---|---|"] + inside))
 sections.append(("Puts of 100 B by client count (dynamo bench workers; wrk connections to etcd):", peak))
 if notes:
     sections.append(("Warnings:", notes))

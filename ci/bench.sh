@@ -13,7 +13,8 @@
 #      `dynamo bench` at 100 B and 4 KiB (read ratio 0.5), puts only at 100 B,
 #      and an open loop at 70% of the 100 B closed-loop throughput;
 #      wrk POSTing distinct keys to etcd's v3 HTTP gateway;
-#   5. prints one table (figures, ratios to baselines, targets met or missed);
+#   5. prints one table (figures, ratios to baselines, targets met or missed) and,
+#      for the closed puts run and the open loop, what the machine did inside them;
 #   6. rewrites BENCHMARKS.md with the table, the machine, versions and commands.
 # Every process it starts is stopped on exit (trap EXIT INT TERM). The scratch
 # directory lives under target/ (not /tmp, a tmpfs on some systems); on failure
@@ -417,8 +418,8 @@ run_dynamo_bench() { # name concurrency, then more dynamo bench flags
 # counters, the nodes' CPU time and each node's /metrics; window NAME samples
 # one snapshot 2 s into a run (past dynamo bench's 1 s warm-up) and one
 # WINDOW_SECS later, in the background. BENCHMARKS.md reports, per window,
-# how busy the machine was, the nodes' CPU per operation and the journal
-# fsyncs that took long: what a missed latency target was bounded by.
+# how busy the machine was, the nodes' CPU per operation and memory growth,
+# and the journal fsyncs that took long: what a missed target was up against.
 snapshot() {
     local out=$WORK/results/$1 i pid
     {

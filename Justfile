@@ -12,7 +12,11 @@ default:
     @just --list
 
 # Everything CI checks: formatting, clippy in both builds, every test, a bounded simulation sweep.
-test: fmt-check clippy unit sim-test sim-check
+test: fmt-check clippy unit sim-test sim-check bench-test
+
+# Tests of the benchmark scripts' table code (ci/test_*.py; no cluster needed).
+bench-test:
+    python3 -m unittest discover -s ci -p 'test_*.py'
 
 # Formatting, checked (run `cargo fmt --all` to fix).
 fmt-check:

@@ -560,10 +560,10 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 NOISY=$(awk -v n="$(nproc)" '{ print ($1 > n / 2 || $2 > n / 2) ? "yes" : "no" }' <<<"$LOAD_START")
 
 export WORK REDIS_N REDIS_ROUNDS DURATION WRK_DURATION RATE ETCD_RPS ETCD_NON2XX ETCD_SOCKERR ETCD_KEYS \
-    ETCD_PUT_PATH CONCURRENCY OPEN_LOOP_FRACTION ETCD_PEAK PEAK_CLIENTS WINDOWS WINDOW_SECS
+    ETCD_PUT_PATH CONCURRENCY OPEN_LOOP_FRACTION ETCD_PEAK PEAK_CLIENTS WINDOWS WINDOW_SECS ROOT
 TABLE=$(
     python3 - <<'EOF'
-import csv, json, os, statistics
+import csv, json, os, statistics, sys
 w = os.environ["WORK"] + "/results/"
 rounds = range(1, int(os.environ["REDIS_ROUNDS"]) + 1)
 
@@ -650,52 +650,15 @@ for i in rounds:
         cells += [n(ours), n(base), f"{ours / base:.2f}x"]
     by_round.append("| " + " | ".join(cells) + " |")
 
-def proc_snapshot(path):
-    """(machine ticks, idle ticks), the nodes' CPU ticks and resident bytes, ticks per second."""
-    cpu, node, rss, hz, page = None, 0, 0, 100, 4096
-    for line in open(path):
-        f = line.split()
-        if f[0] == "cpu":
-            ticks = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
-            cpu = (sum(ticks), ticks[3] + ticks[4])
-        elif f[0] == "node":
-            node += int(f[1])
-            rss += int(f[2])
-        elif f[0] == "hz":
-            hz, page = int(f[1]), int(f[2])
-    return cpu, node, rss * page, hz
-
-def sync_buckets(path):
-    """Journal fsyncs: (count, over 10 ms, over 100 ms) from one node's /metrics."""
-    b = {}
-    for line in open(path):
-        if line.startswith('dynamo_storage_sync_seconds_bucket{le="'):
-            le, count = line.split('"')[1], line.rsplit(" ", 1)[1]
-            b[le] = float(count)
-    if "+Inf" not in b:
-        return None
-    return b["+Inf"], b["+Inf"] - b.get("0.01", 0), b["+Inf"] - b.get("0.1", 0)
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "ci"))
+from bench_window import window_row
 
 secs = int(os.environ.get("WINDOW_SECS") or 0)
 inside = []
 for name in os.environ.get("WINDOWS", "").split():
-    try:
-        (ta, ia), node_a, rss_a, hz = proc_snapshot(w + name + ".a.proc")
-        (tb, ib), node_b, rss_b, _ = proc_snapshot(w + name + ".b.proc")
-        syncs = []
-        for i in range(3):
-            a, b = sync_buckets(w + f"{name}.a.n{i}.prom"), sync_buckets(w + f"{name}.b.n{i}.prom")
-            if a and b:
-                syncs.append(tuple(y - x for x, y in zip(a, b)))
-    except (OSError, TypeError, ValueError):
-        continue
-    doc = bench(name)
-    ops = doc["throughput_ops_per_s"] * secs
-    busy = 100 * (1 - (ib - ia) / max(1, tb - ta))
-    per_op = (node_b - node_a) / hz / max(1, ops) * 1e6
-    fmt = lambda k: "/".join(f"{s[k]:,.0f}" for s in syncs) or "?"
-    growth = (rss_b - rss_a) / max(1, secs) / 2**20
-    inside.append(f"| {name} | {n(doc['throughput_ops_per_s'])} | {busy:.0f}% | {per_op:.0f} us | {growth:.1f} MiB/s | {fmt(0)} | {fmt(1)} | {fmt(2)} | {doc['p99_ms']} |")
+    row_text = window_row(w, name, secs, bench(name))
+    if row_text:
+        inside.append(row_text)
 
 peak = ["| clients | dynamo puts/s | p50 ms | p99 ms | etcd puts/s | ratio |", "|---|---|---|---|---|---|"]
 for c, doc, e in sweep:

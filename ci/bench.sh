@@ -419,7 +419,8 @@ run_dynamo_bench() { # name concurrency, then more dynamo bench flags
 # one snapshot 2 s into a run (past dynamo bench's 1 s warm-up) and one
 # WINDOW_SECS later, in the background. BENCHMARKS.md reports, per window,
 # how busy the machine was, the nodes' CPU per operation and memory growth,
-# and the journal fsyncs that took long: what a missed target was up against.
+# the journal fsyncs that took long and the tables fjall wrote (flushes and
+# compactions): what a missed target was up against.
 snapshot() {
     local out=$WORK/results/$1 i pid
     {
@@ -431,6 +432,10 @@ snapshot() {
     } >"$out.proc"
     for i in 0 1 2; do
         curl -sf "http://127.0.0.1:$((HTTP_PORT + i))/metrics" >"$out.n$i.prom" || : >"$out.n$i.prom"
+        # fjall's table files (KEYSPACE/tables/ID): the ones new at the end of
+        # a window are the memtable flushes and compactions inside it.
+        (cd "$WORK/dev/n$((i + 1))/keyspaces" && find . -path '*/tables/*' -type f | sort) \
+            >"$out.n$i.tables" 2>/dev/null || : >"$out.n$i.tables"
     done
 }
 WINDOW_SECS=$(python3 -c '
@@ -672,9 +677,11 @@ if inside:
                      "operation, how fast the three nodes' resident memory grew, and each node's journal fsyncs "
                      "(n1/n2/n3) in all, over 10 ms and over 100 ms. A machine near 100% busy queues every request; "
                      "a growing heap pays a page fault per new page (a 2 MiB one where transparent huge pages apply); "
-                     "each slow fsync holds back every write behind it:",
-                     ["| run | ops/s | machine CPU busy | nodes' CPU per op | nodes' memory growth | fsyncs | over 10 ms | over 100 ms | p99 ms |",
-                      "|---|---|---|---|---|---|---|---|---|"] + inside))
+                     "each slow fsync holds back every write behind it; and the tables each node's fjall wrote (memtable "
+                     "flushes and compactions, which on a small machine take CPU from every request; the three nodes "
+                     "take the same writes, so they flush together):",
+                     ["| run | ops/s | machine CPU busy | nodes' CPU per op | nodes' memory growth | fsyncs | over 10 ms | over 100 ms | tables written | p99 ms |",
+                      "|---|---|---|---|---|---|---|---|---|---|"] + inside))
 sections.append(("Puts of 100 B by client count (dynamo bench workers; wrk connections to etcd):", peak))
 if notes:
     sections.append(("Warnings:", notes))

@@ -3,8 +3,9 @@
 bench.sh's `snapshot` writes, at the start and the end of a window inside a
 run, NAME.{a,b}.proc (the machine's CPU counters from /proc/stat, one
 "node TICKS RSS_PAGES" line per node process, "hz TICKS_PER_S PAGE_BYTES")
-and NAME.{a,b}.n{0,1,2}.prom (each node's /metrics). `window_row` turns the
-pair into one row of BENCHMARKS.md's "Inside the runs" table.
+NAME.{a,b}.n{0,1,2}.prom (each node's /metrics) and NAME.{a,b}.n{0,1,2}.tables
+(each node's fjall table files, one path per line). `window_row` turns the pair
+into one row of BENCHMARKS.md's "Inside the runs" table.
 """
 
 import os
@@ -46,6 +47,17 @@ def sync_buckets(path):
     return total, total - buckets.get("0.01", 0), total - buckets.get("0.1", 0)
 
 
+def tables_written(a_path, b_path):
+    """Table files present at the end of a window and not at its start: the
+    memtable flushes and compactions inside it (None if a listing is missing)."""
+    try:
+        with open(a_path) as a, open(b_path) as b:
+            before = {line.strip() for line in a if line.strip()}
+            return sum(1 for line in b if line.strip() and line.strip() not in before)
+    except OSError:
+        return None
+
+
 def window_row(results, name, secs, doc, nodes=3):
     """The table row for run NAME (its `dynamo bench` JSON is DOC) over a
     window of SECS seconds, or None when a snapshot is missing or unreadable."""
@@ -53,11 +65,14 @@ def window_row(results, name, secs, doc, nodes=3):
     try:
         (ta, ia), node_a, rss_a, hz = proc_snapshot(base + ".a.proc")
         (tb, ib), node_b, rss_b, _ = proc_snapshot(base + ".b.proc")
-        syncs = []
+        syncs, tables = [], []
         for i in range(nodes):
             a, b = sync_buckets(f"{base}.a.n{i}.prom"), sync_buckets(f"{base}.b.n{i}.prom")
             if a and b:
                 syncs.append(tuple(y - x for x, y in zip(a, b)))
+            written = tables_written(f"{base}.a.n{i}.tables", f"{base}.b.n{i}.tables")
+            if written is not None:
+                tables.append(f"{written}")
     except (OSError, ValueError, IndexError):
         return None
     rate = doc["throughput_ops_per_s"]
@@ -70,4 +85,4 @@ def window_row(results, name, secs, doc, nodes=3):
         return "/".join(f"{s[k]:,.0f}" for s in syncs) or "?"
 
     return (f"| {name} | {rate:,.0f} | {busy:.0f}% | {per_op:.0f} us | {growth:.1f} MiB/s | "
-            f"{column(0)} | {column(1)} | {column(2)} | {doc['p99_ms']} |")
+            f"{column(0)} | {column(1)} | {column(2)} | {'/'.join(tables) or '?'} | {doc['p99_ms']} |")

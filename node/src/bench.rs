@@ -781,7 +781,10 @@ impl Latencies {
     }
 
     fn add(&mut self, sample: &Sample) {
-        let sec = self.seconds.entry(sample.second).or_insert_with(SecondAgg::new);
+        let sec = self
+            .seconds
+            .entry(sample.second)
+            .or_insert_with(SecondAgg::new);
         match sample.kind {
             SampleKind::Read => {
                 self.reads.saturating_record(sample.micros);

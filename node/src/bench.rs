@@ -156,6 +156,12 @@ pub struct BenchArgs {
     /// Give up on one request after this long (counted as an io/timeout error).
     #[arg(long, value_name = "MS", default_value_t = 5_000)]
     pub timeout_ms: u64,
+    /// Threads that run the workers [default: one per core]. The generator
+    /// shares the machine with what it measures: on a small machine running
+    /// the cluster too, one thread (no wakeups across threads) leaves the
+    /// nodes more of it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h`, `250us` or a bare number of seconds.
@@ -2460,6 +2466,14 @@ mod tests {
         assert!(bench(&["--concurrency", "0"]).is_err());
         assert!(bench(&["--keys", "0"]).is_err());
         assert!(bench(&["--distribution", "pareto"]).is_err());
+        // The runtime's threads: one per core unless --threads says.
+        let threads = |args: &[&str]| {
+            Cli::try_parse_from(["dynamo", "bench"].iter().chain(args))
+                .map(|cli| cli.command.worker_threads())
+        };
+        assert_eq!(threads(&[]).unwrap(), None);
+        assert_eq!(threads(&["--threads", "1"]).unwrap(), Some(1));
+        assert!(threads(&["--threads", "0"]).is_err());
     }
 
     #[test]

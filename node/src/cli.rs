@@ -66,14 +66,16 @@ pub enum Command {
 
 impl Command {
     /// The runtime's worker threads this command asks for (`None`: one per
-    /// core). Only a server has a setting; a bad configuration is reported
-    /// when the server resolves it again.
+    /// core). A server and `bench` have a setting; a server's bad
+    /// configuration is reported when the server resolves it again.
     pub fn worker_threads(&self) -> Option<usize> {
         match self {
             #[cfg(not(madsim))]
             Command::Server(args) => crate::config::ServerConfig::resolve(args)
                 .ok()
                 .and_then(|c| c.worker_threads),
+            #[cfg(not(madsim))]
+            Command::Bench(args) => args.threads.map(usize::from),
             _ => None,
         }
     }

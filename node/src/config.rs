@@ -18,6 +18,11 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 /// costs more latency than any batch saves.
 pub const MAX_COMMIT_DELAY_US: u64 = 10_000;
 
+/// The memtable size when none is given, fjall's default.
+pub const DEFAULT_MEMTABLE_MB: u64 = 64;
+/// Bounds of `--memtable-mb`.
+pub const MEMTABLE_MB_RANGE: std::ops::RangeInclusive<u64> = 4..=1024;
+
 /// `dynamo server` flags. Each also reads a `DYNAMO_*` variable; unset ones fall
 /// back to the config file, then to the defaults.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -95,6 +100,12 @@ pub struct ServerArgs {
     /// worth it for read-heavy loads on small values (see the README). [default: 0, off]
     #[arg(long, env = "DYNAMO_CACHE_MB")]
     pub cache_mb: Option<u64>,
+    /// Size of the storage engine's in-memory write buffer, in MiB: when it is
+    /// full it is flushed to a table. Replicas take the same writes, so with
+    /// one size they flush in step; nodes sharing a machine do better with
+    /// different sizes (`dynamo dev` spreads them). [default: 64]
+    #[arg(long, env = "DYNAMO_MEMTABLE_MB")]
+    pub memtable_mb: Option<u64>,
     /// Threads that run the node's tasks. Several nodes sharing one machine
     /// run better with a share of its cores each (`dynamo dev` does that).
     /// [default: one per core]
@@ -132,6 +143,7 @@ struct FileConfig {
     max_siblings: Option<usize>,
     versioning: Option<String>,
     cache_mb: Option<u64>,
+    memtable_mb: Option<u64>,
     worker_threads: Option<usize>,
     max_connections: Option<usize>,
 }
@@ -190,6 +202,8 @@ pub struct ServerConfig {
     pub versioning: Versioning,
     /// The row cache's bound in bytes; 0: no cache.
     pub cache_bytes: u64,
+    /// The storage engine's memtable size in MiB.
+    pub memtable_mb: u64,
     /// Runtime worker threads; `None`: one per core.
     pub worker_threads: Option<usize>,
     /// Client connections served at once (see [`crate::connection_limit`]).
@@ -287,6 +301,7 @@ impl ServerConfig {
             max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
             versioning,
             cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
+            memtable_mb: pick(&args.memtable_mb, file.memtable_mb, DEFAULT_MEMTABLE_MB),
             worker_threads: args.worker_threads.or(file.worker_threads),
             max_connections: pick(
                 &args.max_connections,
@@ -364,6 +379,14 @@ impl ServerConfig {
         if self.max_connections == 0 {
             bail!("--max-connections 0 would refuse every client; choose at least 1");
         }
+        if !MEMTABLE_MB_RANGE.contains(&self.memtable_mb) {
+            bail!(
+                "--memtable-mb {}: choose {} to {}",
+                self.memtable_mb,
+                MEMTABLE_MB_RANGE.start(),
+                MEMTABLE_MB_RANGE.end()
+            );
+        }
         Ok(())
     }
 
@@ -434,6 +457,7 @@ mod tests {
         assert_eq!(c.cache_bytes, 0, "the row cache is opt-in");
         assert_eq!(c.commit_delay_us, 500);
         assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.memtable_mb, 64);
     }
 
     /// Resolves `args` with a config file holding `text`.
@@ -500,7 +524,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -515,6 +539,7 @@ mod tests {
         assert_eq!(c.cache_bytes, 8 << 20);
         assert_eq!(c.max_connections, 100);
         assert_eq!(c.commit_delay_us, 200);
+        assert_eq!(c.memtable_mb, 32);
     }
 
     #[test]
@@ -555,6 +580,13 @@ mod tests {
             ..Default::default()
         })
         .contains("--max-connections 0"));
+        for mb in [3, 1025] {
+            assert!(bad(ServerArgs {
+                memtable_mb: Some(mb),
+                ..Default::default()
+            })
+            .contains("--memtable-mb"));
+        }
         for threads in [0, MAX_WORKER_THREADS + 1] {
             assert!(bad(ServerArgs {
                 worker_threads: Some(threads),

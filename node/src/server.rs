@@ -29,7 +29,7 @@ pub async fn run(args: &ServerArgs) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let storage = FjallStorage::open(&config.data_dir)
+    let storage = FjallStorage::open_with_memtable(&config.data_dir, config.memtable_mb << 20)
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let http_listener = match &config.http_addr {
         Some(addr) => Some(

@@ -79,6 +79,15 @@ impl FjallStorage {
         Self::open_with(dir, data_keyspace_options())
     }
 
+    /// As [`FjallStorage::open`], with the data keyspace's memtables flushed at
+    /// `memtable_bytes` (`--memtable-mb`) instead of fjall's default 64 MiB.
+    pub fn open_with_memtable(dir: &Path, memtable_bytes: u64) -> Result<Self, StorageError> {
+        Self::open_with(
+            dir,
+            data_keyspace_options().max_memtable_size(memtable_bytes),
+        )
+    }
+
     fn open_with(dir: &Path, data_options: KeyspaceCreateOptions) -> Result<Self, StorageError> {
         let open_error = |e: ::fjall::Error| StorageError::Io {
             op: "open",
@@ -355,9 +364,10 @@ mod tests {
         // collects many memtables. Each must end with the keeper as its last
         // holder (so fjall never frees one under its version lock), and the
         // keeper must let go of every one fjall is done with.
+        // (`open_with_memtable` is what `--memtable-mb` sets: with fjall's
+        // default of 64 MiB nothing here would rotate.)
         let dir = tempfile::tempdir().unwrap();
-        let options = data_keyspace_options().max_memtable_size(1 << 20);
-        let s = FjallStorage::open_with(dir.path(), options).unwrap();
+        let s = FjallStorage::open_with_memtable(dir.path(), 1 << 20).unwrap();
         let write_round = |round: u64| {
             let writes: Vec<WriteOp> = (0..100)
                 .map(|i| WriteOp {

@@ -750,7 +750,8 @@ Notes:
   etcd's own gRPC clients multiplex over one HTTP/2 connection); redis-benchmark and
   wrk keep 50 connections with one request in flight on each.
 - \`dynamo dev\` gives each of the 3 nodes an even share of the cores as tokio worker
-  threads (\`--worker-threads $(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))\` here).
+  threads (\`--worker-threads $(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))\` here), and memtables of 48, 64 and 80 MiB
+  (\`--memtable-mb\`) so that the three, which take the same writes, do not flush together.
 - The open loop schedules $RATE ops/s ($OPEN_LOOP_FRACTION x the 100 B closed-loop
   throughput) with $OPEN_LOOP_WORKERS workers (50 ms between one worker's slots, so a slow
   answer does not hold back the schedule) and measures each operation's latency from its

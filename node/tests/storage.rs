@@ -553,24 +553,26 @@ async fn a_busy_worker_lets_the_next_batch_gather_before_its_sync() {
 async fn back_to_back_writes_of_one_key_reach_the_engine_once() {
     let storage = Arc::new(Instrumented::default());
     let (worker, mut rx) = spawn_storage_worker(storage.clone(), SyncPolicy::Always);
-    // One burst: a hot key written ten times, then another key, then the hot
-    // key again (not adjacent to its earlier writes: written separately).
+    // One burst (one core turn's writes, handed over together as the core
+    // task does, so they are one batch: separate submissions could race the
+    // worker's thread and split): a hot key written ten times, then another
+    // key, then the hot key again (not adjacent to its earlier writes:
+    // written separately).
     let hot = |id: u64| PersistRequest {
         id,
         partition: 1,
         key: b"hot".to_vec(),
         set: set(id),
     };
-    for id in 0..10 {
-        worker.submit(hot(id));
-    }
-    worker.submit(PersistRequest {
+    let mut burst: Vec<PersistRequest> = (0..10).map(hot).collect();
+    burst.push(PersistRequest {
         id: 10,
         partition: 1,
         key: b"cold".to_vec(),
         set: set(10),
     });
-    worker.submit(hot(11));
+    burst.push(hot(11));
+    worker.submit_all(burst);
     let (ok, failed) = collect(&mut rx, 12).await;
     assert!(failed.is_empty());
     assert_eq!(ok, (0..12).collect::<Vec<_>>(), "every write is reported");

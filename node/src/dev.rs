@@ -159,28 +159,24 @@ pub fn server_args(args: &DevArgs, nodes: &[DevNode], me: &DevNode) -> Vec<Strin
     opt("--r", args.r.map(|v| v.to_string()));
     opt("--w", args.w.map(|v| v.to_string()));
     opt("--partitions", args.partitions.map(|v| v.to_string()));
-    // The nodes share this machine: each gets its share of the cores, unless
-    // the user chose (extra server arguments, a config file, the environment).
-    let chosen = args
-        .server_args
-        .iter()
-        .any(|a| a.starts_with("--worker-threads") || a.starts_with("--config"))
-        || std::env::var_os("DYNAMO_WORKER_THREADS").is_some();
-    if !chosen {
+    // Settings dev picks for nodes sharing one machine, unless the user chose
+    // (extra server arguments, a config file, the environment).
+    let chosen = |flag: &str, env: &str| {
+        args.server_args
+            .iter()
+            .any(|a| a.starts_with(flag) || a.starts_with("--config"))
+            || std::env::var_os(env).is_some()
+    };
+    // Each node gets its share of the cores.
+    if !chosen("--worker-threads", "DYNAMO_WORKER_THREADS") {
         opt(
             "--worker-threads",
             Some(worker_share(nodes.len()).to_string()),
         );
     }
     // The nodes take the same writes: with one memtable size they would fill
-    // and flush together, on the same cores. Each gets its own, unless the
-    // user chose.
-    let chosen = args
-        .server_args
-        .iter()
-        .any(|a| a.starts_with("--memtable-mb") || a.starts_with("--config"))
-        || std::env::var_os("DYNAMO_MEMTABLE_MB").is_some();
-    if !chosen {
+    // and flush together, on the same cores. Each gets its own.
+    if !chosen("--memtable-mb", "DYNAMO_MEMTABLE_MB") {
         let me_index = nodes.iter().position(|n| n.name == me.name).unwrap_or(0);
         opt(
             "--memtable-mb",

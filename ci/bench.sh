@@ -755,7 +755,7 @@ Notes:
 - The open loop schedules $RATE ops/s ($OPEN_LOOP_FRACTION x the 100 B closed-loop
   throughput) with $OPEN_LOOP_WORKERS workers (50 ms between one worker's slots, so a slow
   answer does not hold back the schedule) and measures each operation's latency from its
-  scheduled start.
+  scheduled start (or from its send, when the 1 ms timer tick let it go up to a tick early).
 - The target compares puts at $CONCURRENCY clients, as the issue's reference figures do.
   With one request in flight per client, that throughput is clients / latency, so it
   measures latency as much as capacity; the peak row and the table by client count

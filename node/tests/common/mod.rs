@@ -271,11 +271,16 @@ fn random_u64() -> u64 {
 /// once, then released for the nodes to bind. Ports come from [`PORT_WINDOW`]
 /// when it lies outside the ephemeral range, so a node restarted on its old
 /// ports does not find them taken by some other process's ephemeral port;
-/// otherwise the OS picks them. A port may still be grabbed before the node
-/// binds it; [`Cluster::start`] retries with fresh ports when that happens.
+/// otherwise the OS picks them. A window port goes out once per test process
+/// ([`HANDED_OUT`]): the tests of one binary run in parallel, and another
+/// test's probe or node once took a port while the node that owned it was
+/// stopped, so its restart failed ("Address already in use"). A port may
+/// still be grabbed by another process before the node binds it;
+/// [`Cluster::start`] retries with fresh ports when that happens.
 pub fn free_ports(count: usize) -> Vec<u16> {
     let window_ok =
         ephemeral_range().is_some_and(|(lo, hi)| PORT_WINDOW.end <= lo || PORT_WINDOW.start > hi);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let mut held: Vec<TcpListener> = Vec::new();
     if window_ok {
         let span = u64::from(PORT_WINDOW.end - PORT_WINDOW.start);
@@ -284,6 +289,9 @@ pub fn free_ports(count: usize) -> Vec<u16> {
                 break;
             }
             let port = PORT_WINDOW.start + (random_u64() % span) as u16;
+            if handed_out.contains(&port) {
+                continue;
+            }
             if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
                 if !held.iter().any(|h| h.local_addr().unwrap().port() == port) {
                     held.push(l);
@@ -294,10 +302,18 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     while held.len() < count {
         held.push(TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port"));
     }
-    held.iter()
+    let ports: Vec<u16> = held
+        .iter()
         .map(|l| l.local_addr().unwrap().port())
-        .collect()
+        .collect();
+    handed_out.extend(ports.iter().copied());
+    ports
 }
+
+/// Every port [`free_ports`] returned in this process. Held while it probes,
+/// so two tests never probe or take the same port at once.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// One server process of a [`Cluster`] and everything needed to restart it.
 pub struct Node {

@@ -125,7 +125,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
     /// Open loop: schedule this many operations per second in total, and measure
-    /// latency from each one's scheduled start. Without it: closed loop, as fast
+    /// latency from each one's scheduled start (or from its send, when the
+    /// runtime's 1 ms timer let it go up to a tick early). Without it: closed loop, as fast
     /// as the workers go. Each worker has one operation in flight and owns every
     /// `--concurrency`-th slot, so give it workers enough for a slow answer not to
     /// delay the schedule: rate x 0.05 allows 50 ms per answer.

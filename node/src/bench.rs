@@ -2127,6 +2127,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instant_answer_on_time_measures_near_zero_not_the_timer_rounding() {
+        // 400 slots at 2000/s, answered at once. Sleeping until each slot
+        // sends at the 1 ms timer tick after it: a median near 0.5 ms of
+        // nothing but rounding. Waking at the tick before it measures the
+        // answer itself (a send the machine delayed past its slot still
+        // counts from the slot, so allow for a busy test machine).
+        let targets = (0..4)
+            .map(|_| FakeTarget {
+                delays: Vec::new(),
+                calls: 0,
+            })
+            .collect();
+        let (s, _) = run_load(
+            plan(4, Some(2000.0), Stop::Requests(400)),
+            targets,
+            &Progress::hidden(),
+        )
+        .await;
+        assert_eq!(s.ops(), 400);
+        assert!(s.all.p50_us < 250, "{:?}", s.all);
+    }
+
+    #[tokio::test]
     async fn open_loop_measures_latency_from_the_scheduled_start() {
         // One worker, one slot every 10 ms; the first answer takes 100 ms, the
         // rest are instant. Slots 1..4 were due at 10..40 ms but could only be

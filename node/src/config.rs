@@ -96,6 +96,11 @@ pub struct ServerArgs {
     /// dvv (siblings) | lww (last write wins; can drop concurrent writes). [default: dvv]
     #[arg(long, env = "DYNAMO_VERSIONING")]
     pub versioning: Option<String>,
+    /// How far ahead of this node's clock a version's timestamp may be and
+    /// still move the node's hybrid clock, in milliseconds; later ones are
+    /// counted and logged (a clock set wrong). [default: 60000]
+    #[arg(long, env = "DYNAMO_MAX_CLOCK_DRIFT_MS")]
+    pub max_clock_drift_ms: Option<u64>,
     /// Memory for the row cache of recently read and written keys, in MiB;
     /// worth it for read-heavy loads on small values (see the README). [default: 0, off]
     #[arg(long, env = "DYNAMO_CACHE_MB")]
@@ -142,6 +147,7 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     max_siblings: Option<usize>,
     versioning: Option<String>,
+    max_clock_drift_ms: Option<u64>,
     cache_mb: Option<u64>,
     memtable_mb: Option<u64>,
     worker_threads: Option<usize>,
@@ -200,6 +206,7 @@ pub struct ServerConfig {
     pub max_siblings: usize,
     #[serde(serialize_with = "debug_lower")]
     pub versioning: Versioning,
+    pub max_clock_drift_ms: u64,
     /// The row cache's bound in bytes; 0: no cache.
     pub cache_bytes: u64,
     /// The storage engine's memtable size in MiB.
@@ -300,6 +307,11 @@ impl ServerConfig {
             max_value_bytes: pick(&args.max_value_bytes, file.max_value_bytes, 1 << 20),
             max_siblings: pick(&args.max_siblings, file.max_siblings, 16),
             versioning,
+            max_clock_drift_ms: pick(
+                &args.max_clock_drift_ms,
+                file.max_clock_drift_ms,
+                dynamo_core::version::DEFAULT_MAX_CLOCK_DRIFT_MS,
+            ),
             cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
             memtable_mb: pick(&args.memtable_mb, file.memtable_mb, DEFAULT_MEMTABLE_MB),
             worker_threads: args.worker_threads.or(file.worker_threads),
@@ -355,6 +367,12 @@ impl ServerConfig {
         }
         if self.max_siblings == 0 {
             bail!("--max-siblings must be at least 1");
+        }
+        if self.max_clock_drift_ms == 0 {
+            bail!(
+                "--max-clock-drift-ms must be positive: it bounds how far ahead of this \
+                 node's clock a peer's timestamp may move it"
+            );
         }
         if let Some(host) = &self.advertise_host {
             // A colon only belongs in an IPv6 literal (bare or in brackets).
@@ -437,6 +455,7 @@ impl ServerConfig {
         c.versioning = self.versioning;
         c.max_key_bytes = self.max_key_bytes;
         c.max_value_bytes = self.max_value_bytes;
+        c.max_clock_drift_ms = self.max_clock_drift_ms;
         c
     }
 }

@@ -258,6 +258,9 @@ pub struct Metrics {
     /// Wakeups of the core task, and the events they handled.
     pub core_turns: AtomicU64,
     pub core_events: AtomicU64,
+    /// Timestamps seen beyond the clock drift bound (the core's count, copied
+    /// after each turn).
+    pub far_future_timestamps: AtomicU64,
     /// Client connections open (every front end), and those refused at the
     /// bound (see [`crate::connection_limit`]).
     pub client_connections: AtomicU64,
@@ -276,6 +279,7 @@ impl Metrics {
             peers_known: AtomicU64::new(0),
             core_turns: AtomicU64::new(0),
             core_events: AtomicU64::new(0),
+            far_future_timestamps: AtomicU64::new(0),
             client_connections: AtomicU64::new(0),
             client_connections_refused: AtomicU64::new(0),
         }
@@ -333,7 +337,7 @@ impl Metrics {
         let s = &self.storage;
         let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 24] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 25] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -465,6 +469,12 @@ impl Metrics {
                 "counter",
                 "Events the core handled (client requests, peer messages, durable writes, timers).",
                 &self.core_events,
+            ),
+            (
+                "dynamo_clock_far_future_timestamps_total",
+                "counter",
+                "Version timestamps seen more than --max-clock-drift-ms ahead of this node's clock, which did not move its clock (a node's clock is set wrong).",
+                &self.far_future_timestamps,
             ),
             (
                 "dynamo_client_connections",

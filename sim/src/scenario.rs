@@ -80,6 +80,9 @@ pub struct ClusterSpec {
     pub versioning: String,
     pub request_timeout: Millis,
     pub max_siblings: usize,
+    /// How far ahead of a node's clock a timestamp may move it
+    /// (`--max-clock-drift-ms`).
+    pub max_clock_drift: Millis,
 }
 
 impl Default for ClusterSpec {
@@ -93,6 +96,7 @@ impl Default for ClusterSpec {
             versioning: "dvv".into(),
             request_timeout: Millis(1000),
             max_siblings: 64,
+            max_clock_drift: Millis(dynamo_core::version::DEFAULT_MAX_CLOCK_DRIFT_MS),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::store::LocalStore;
 use crate::version::{self, HlcClock, Versioning};
 use dynamo_proto::{
     Actor, ClientEnvelope, ClientError, ClientReply, ClientRequest, ClusterId, ClusterInfo,
-    Context, Dot, DvvSet, GetReply, Hello, MemberInfo, NodeId, PeerMessage, WriteMode,
+    Context, Dot, DvvSet, GetReply, Hello, Hlc, MemberInfo, NodeId, PeerMessage, WriteMode,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -46,6 +46,9 @@ pub struct Config {
     pub versioning: Versioning,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// How far ahead of this node's wall clock a timestamp it sees may move
+    /// its hybrid clock (see [`HlcClock`]).
+    pub max_clock_drift_ms: Millis,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             versioning: Versioning::Dvv,
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
+            max_clock_drift_ms: version::DEFAULT_MAX_CLOCK_DRIFT_MS,
         }
     }
 }
@@ -228,6 +232,8 @@ pub struct Node {
     /// The number of the last output queued for each peer.
     last_to_peer: BTreeMap<NodeId, u64>,
     warnings: Vec<String>,
+    /// The far-future timestamp count last warned about.
+    warned_far_future: u64,
 }
 
 impl Node {
@@ -261,6 +267,7 @@ impl Node {
         let (w, warn_w) = quorum::clamp_default("W", config.w, n);
         warnings.extend(warn_r);
         warnings.extend(warn_w);
+        let max_clock_drift_ms = config.max_clock_drift_ms;
         Ok(Node {
             config,
             n,
@@ -269,7 +276,7 @@ impl Node {
             actor,
             membership,
             store,
-            hlc: HlcClock::default(),
+            hlc: HlcClock::with_max_drift(max_clock_drift_ms),
             unsynced: BTreeMap::new(),
             persist_waiters: BTreeMap::new(),
             next_persist: 1,
@@ -281,6 +288,7 @@ impl Node {
             popped: 0,
             last_to_peer: BTreeMap::new(),
             warnings,
+            warned_far_future: 0,
         })
     }
 
@@ -408,7 +416,7 @@ impl Node {
             | PeerMessage::Ping { .. }
             | PeerMessage::Pong { .. } => {}
             PeerMessage::Replicate { reqs, key, set } => {
-                self.hlc_observe(&set);
+                self.hlc_observe(now, from, &set);
                 let waiter = PersistWaiter::ReplicaAck {
                     to: from.clone(),
                     reqs,
@@ -438,9 +446,9 @@ impl Node {
                 }
                 self.send(from, PeerMessage::ReadReply { req, result });
             }
-            PeerMessage::ReadReply { req, result } => self.on_read_reply(from, req, result),
+            PeerMessage::ReadReply { req, result } => self.on_read_reply(now, from, req, result),
             PeerMessage::Repair { key, set } => {
-                self.hlc_observe(&set);
+                self.hlc_observe(now, from, &set);
                 if let Err((e, _)) = self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
                     tracing::error!(error = %e, "read repair could not be applied");
                 }
@@ -639,7 +647,13 @@ impl Node {
         self.progress_get(req);
     }
 
-    fn on_read_reply(&mut self, from: &NodeId, req: u64, result: Result<Option<DvvSet>, String>) {
+    fn on_read_reply(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        req: u64,
+        result: Result<Option<DvvSet>, String>,
+    ) {
         let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
             return;
         };
@@ -652,7 +666,7 @@ impl Node {
         match result {
             Ok(set) => {
                 if let Some(set) = &set {
-                    self.hlc_observe(set);
+                    self.hlc_observe(now, from, set);
                 }
                 let mode = self.config.versioning;
                 let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
@@ -803,9 +817,10 @@ impl Node {
                 return self.answer(origin, ClientReply::Error(e));
             }
         };
-        // In LWW mode the new write must sort after what it replaces here.
-        self.hlc_observe(&local);
-        let timestamp = self.hlc.now(now);
+        // In LWW mode the new write must sort after what it replaces here,
+        // even a sibling stamped beyond the drift bound.
+        let timestamp = self.hlc.stamp_after(now, newest_timestamp(&local));
+        self.warn_if_far_future();
         let is_delete = value.is_none();
         let outcome = match version::write(
             &local,
@@ -1027,10 +1042,43 @@ impl Node {
 
     // ---- plumbing -----------------------------------------------------------
 
-    fn hlc_observe(&mut self, set: &DvvSet) {
-        if let Some(max) = set.siblings.values().map(|s| s.timestamp).max() {
-            self.hlc.observe(max);
+    /// Moves the hybrid clock past the newest timestamp in a set from `from`,
+    /// unless that lies beyond the drift bound.
+    fn hlc_observe(&mut self, now: Millis, from: &NodeId, set: &DvvSet) {
+        if let Some(newest) = newest_timestamp(set) {
+            if !self.hlc.observe(newest, now) {
+                tracing::debug!(
+                    peer = %from,
+                    wall_ms = newest.wall_ms,
+                    now,
+                    "a timestamp beyond the clock drift bound was not observed"
+                );
+                self.warn_if_far_future();
+            }
         }
+    }
+
+    /// Warns, at the first far-future timestamp and then at every power of
+    /// two of them (one bad clock sends many), that the cluster's clocks
+    /// disagree by more than the bound.
+    fn warn_if_far_future(&mut self) {
+        let count = self.hlc.far_future();
+        if count.is_power_of_two() && self.warned_far_future < count {
+            self.warned_far_future = count;
+            tracing::warn!(
+                count,
+                bound_ms = self.config.max_clock_drift_ms,
+                "timestamps more than the clock drift bound ahead of this node's clock \
+                 were seen (a node's clock is set wrong, or this one's is behind); \
+                 they do not move this node's clock"
+            );
+        }
+    }
+
+    /// How many timestamps this node has seen beyond its clock drift bound
+    /// (from peers or its own disk) and not let move its clock.
+    pub fn far_future_timestamps(&self) -> u64 {
+        self.hlc.far_future()
     }
 
     fn next_request(&mut self) -> u64 {
@@ -1143,6 +1191,11 @@ impl Node {
             q: ring.partition_count(),
         }
     }
+}
+
+/// The newest timestamp among a set's siblings.
+fn newest_timestamp(set: &DvvSet) -> Option<Hlc> {
+    set.siblings.values().map(|s| s.timestamp).max()
 }
 
 fn record_read(get: &mut PendingGet, from: NodeId, set: Option<DvvSet>, mode: Versioning) {

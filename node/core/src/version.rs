@@ -400,8 +400,9 @@ pub fn merge_into(into: &mut DvvSet, other: &DvvSet, mode: Versioning) -> bool {
 /// In LWW mode the set keeps only the winner of the local siblings and the new
 /// write: the new write loses, and is dropped although acknowledged, to a local
 /// sibling with a greater timestamp, even one its context covers (clock skew).
-/// The shell should [`HlcClock::observe`] the local siblings' timestamps before
-/// taking `timestamp`, so that a coordinator never loses to what it already holds.
+/// The shell should take `timestamp` from [`HlcClock::stamp_after`] with the
+/// newest local sibling's timestamp, so that a coordinator never loses to what
+/// it already holds.
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     local: &DvvSet,
@@ -517,64 +518,140 @@ pub fn is_deleted(set: &DvvSet) -> bool {
     set.siblings.values().all(|sibling| sibling.value.is_none())
 }
 
+/// How far ahead of this node's own wall clock a timestamp seen from a peer or
+/// the disk may move its [`HlcClock`] (`--max-clock-drift-ms`). One minute:
+/// far above the skew of clocks kept by NTP, far below a clock set wrong.
+pub const DEFAULT_MAX_CLOCK_DRIFT_MS: u64 = 60_000;
+
 /// A hybrid logical clock fed by an injected wall clock (milliseconds).
 ///
 /// Timestamps it hands out strictly increase even when the wall clock stalls or
-/// goes backwards, and never fall behind a timestamp it has observed, so a write
-/// coordinated after seeing another's version is stamped later than it.
-#[derive(Clone, Debug, Default)]
+/// goes backwards, and never fall behind a timestamp it has observed within the
+/// drift bound, so a write coordinated after seeing another's version is
+/// stamped later than it.
+///
+/// The bound keeps one bad clock from moving every clock for good: a timestamp
+/// more than `max_drift_ms` ahead of this node's wall clock (a peer whose clock
+/// was set a year ahead, a damaged or hostile set) is not observed, and counted
+/// instead. Without it, a single such sibling would stamp every later write of
+/// this node, and of every node that saw those, at that far-off time. A write
+/// that supersedes such a sibling is still stamped after it ([`stamp_after`]),
+/// so last-write-wins keeps the newer write on that key; only that key's
+/// timestamps carry the far-off time.
+///
+/// [`stamp_after`]: HlcClock::stamp_after
+#[derive(Clone, Debug)]
 pub struct HlcClock {
     last: Hlc,
+    max_drift_ms: u64,
+    far_future: u64,
+}
+
+impl Default for HlcClock {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl HlcClock {
-    /// A clock that has handed out nothing and observed nothing.
+    /// A clock that has handed out nothing and observed nothing, with the
+    /// default drift bound.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_drift(DEFAULT_MAX_CLOCK_DRIFT_MS)
+    }
+
+    /// As [`HlcClock::new`], with observed timestamps bounded to `max_drift_ms`
+    /// ahead of the wall clock.
+    pub fn with_max_drift(max_drift_ms: u64) -> Self {
+        HlcClock {
+            last: Hlc::default(),
+            max_drift_ms,
+            far_future: 0,
+        }
     }
 
     /// The next timestamp, given the wall clock's reading: strictly greater than
-    /// every timestamp this clock returned or observed before, except past the
-    /// greatest timestamp there is, which it keeps handing out. Only a
-    /// timestamp from a peer or the disk that is hostile or damaged takes it
-    /// there (a real clock needs 584 million years); wrapping round instead would
-    /// stamp every later write as older than what it replaces.
+    /// every timestamp this method returned or the clock observed before (a
+    /// far-future [`stamp_after`] is neither), except past the
+    /// greatest timestamp there is, which it keeps handing out. Only a hostile
+    /// or damaged timestamp could take it there, and the drift bound keeps those
+    /// out; wrapping round instead would stamp every later write as older than
+    /// what it replaces.
+    ///
+    /// [`stamp_after`]: HlcClock::stamp_after
     pub fn now(&mut self, wall_ms: u64) -> Hlc {
         let next = if wall_ms > self.last.wall_ms {
             Hlc {
                 wall_ms,
                 logical: 0,
             }
-        } else if self.last.logical == u32::MAX {
-            // Four billion events in one millisecond: borrow the next one.
-            match self.last.wall_ms.checked_add(1) {
-                Some(wall_ms) => Hlc {
-                    wall_ms,
-                    logical: 0,
-                },
-                None => self.last,
-            }
         } else {
-            Hlc {
-                wall_ms: self.last.wall_ms,
-                logical: self.last.logical + 1,
-            }
+            successor(self.last)
         };
         self.last = next;
         next
     }
 
-    /// Takes note of a timestamp seen from another node, so the next [`now`]
-    /// is later than it.
+    /// Takes note of a timestamp seen from another node or the disk, so the
+    /// next [`now`] is later than it, unless it is more than the drift bound
+    /// ahead of `wall_ms`: then the clock does not move, the timestamp is
+    /// counted ([`far_future`]) and this returns false.
     ///
     /// [`now`]: HlcClock::now
-    pub fn observe(&mut self, seen: Hlc) {
+    /// [`far_future`]: HlcClock::far_future
+    pub fn observe(&mut self, seen: Hlc, wall_ms: u64) -> bool {
+        if seen.wall_ms > wall_ms.saturating_add(self.max_drift_ms) {
+            self.far_future += 1;
+            return false;
+        }
         self.last = self.last.max(seen);
+        true
+    }
+
+    /// The timestamp for a write that supersedes versions stamped up to
+    /// `floor` (the newest sibling the writer holds): [`now`] after observing
+    /// `floor`, or, when `floor` lies beyond the drift bound, the timestamp
+    /// just after it. Either way the write sorts after what it replaces, and a
+    /// far-future `floor` does not move the clock.
+    ///
+    /// [`now`]: HlcClock::now
+    pub fn stamp_after(&mut self, wall_ms: u64, floor: Option<Hlc>) -> Hlc {
+        if let Some(floor) = floor {
+            if !self.observe(floor, wall_ms) {
+                let own = self.now(wall_ms);
+                return own.max(successor(floor));
+            }
+        }
+        self.now(wall_ms)
     }
 
     /// The greatest timestamp handed out or observed so far.
     pub fn last(&self) -> Hlc {
         self.last
+    }
+
+    /// How many timestamps were not observed for lying beyond the drift bound.
+    pub fn far_future(&self) -> u64 {
+        self.far_future
+    }
+}
+
+/// The least timestamp after `t`; past the greatest there is, `t` itself.
+fn successor(t: Hlc) -> Hlc {
+    if t.logical < u32::MAX {
+        Hlc {
+            wall_ms: t.wall_ms,
+            logical: t.logical + 1,
+        }
+    } else {
+        // Four billion events in one millisecond: borrow the next one.
+        match t.wall_ms.checked_add(1) {
+            Some(wall_ms) => Hlc {
+                wall_ms,
+                logical: 0,
+            },
+            None => t,
+        }
     }
 }
 
@@ -1009,10 +1086,10 @@ mod tests {
             wall_ms: 500,
             logical: 7,
         };
-        clock.observe(seen);
+        assert!(clock.observe(seen, 20));
         assert!(clock.now(20) > seen);
         // Observing the past changes nothing.
-        clock.observe(ts(1));
+        assert!(clock.observe(ts(1), 20));
         assert_eq!(
             clock.now(20),
             Hlc {
@@ -1021,25 +1098,79 @@ mod tests {
             }
         );
         let mut saturated = HlcClock::new();
-        saturated.observe(Hlc {
-            wall_ms: 5,
-            logical: u32::MAX,
-        });
+        saturated.observe(
+            Hlc {
+                wall_ms: 5,
+                logical: u32::MAX,
+            },
+            0,
+        );
         assert_eq!(saturated.now(0), ts(6));
+        assert_eq!(clock.far_future(), 0);
+    }
+
+    #[test]
+    fn a_timestamp_beyond_the_drift_bound_does_not_move_the_clock() {
+        let mut clock = HlcClock::with_max_drift(1_000);
+        assert_eq!(clock.now(5_000), ts(5_000));
+        // Exactly at the bound: observed.
+        assert!(clock.observe(ts(6_000), 5_000));
+        assert_eq!(clock.now(5_001), ts_l(6_000, 1));
+        // A clock set a year ahead: refused and counted.
+        let year_ahead = ts(5_000 + 365 * 24 * 3_600_000);
+        assert!(!clock.observe(year_ahead, 5_002));
+        assert_eq!(clock.far_future(), 1);
+        assert_eq!(clock.now(5_002), ts_l(6_000, 2));
+        assert!(clock.last() < year_ahead);
+        // Once the wall clock has caught up to within the bound, it is observed.
+        assert!(clock.observe(year_ahead, year_ahead.wall_ms - 1_000));
+        assert!(clock.now(0) > year_ahead);
+        assert_eq!(clock.far_future(), 1);
+    }
+
+    #[test]
+    fn a_write_over_a_far_future_sibling_sorts_after_it_without_moving_the_clock() {
+        let mut clock = HlcClock::with_max_drift(1_000);
+        let ahead = ts_l(90_000, 4);
+        // The newest local sibling is far ahead: the write is stamped just
+        // after it, and the clock stays with the wall clock.
+        assert_eq!(clock.stamp_after(10_000, Some(ahead)), ts_l(90_000, 5));
+        assert_eq!(clock.last(), ts(10_000));
+        assert_eq!(clock.far_future(), 1);
+        // The next write on that key (holding the first) sorts after both.
+        assert_eq!(
+            clock.stamp_after(10_000, Some(ts_l(90_000, 5))),
+            ts_l(90_000, 6)
+        );
+        // Other keys are stamped from the wall clock.
+        assert_eq!(clock.stamp_after(10_001, None), ts(10_001));
+        // Within the bound, the floor is observed as before.
+        assert_eq!(clock.stamp_after(10_002, Some(ts(10_500))), ts_l(10_500, 1));
+        assert_eq!(clock.last(), ts_l(10_500, 1));
+        // A floor behind the clock changes nothing.
+        assert_eq!(clock.stamp_after(10_003, Some(ts(3))), ts_l(10_500, 2));
     }
 
     #[test]
     fn hlc_at_the_end_of_time_does_not_overflow() {
         // A peer's sibling (or a damaged stored one) can carry any timestamp;
-        // observing the greatest must not make the next `now` overflow.
+        // neither observing the greatest nor writing over it may overflow.
         let end = Hlc {
             wall_ms: u64::MAX,
             logical: u32::MAX,
         };
         let mut clock = HlcClock::new();
-        clock.observe(end);
+        assert!(!clock.observe(end, 0));
+        assert_eq!(clock.stamp_after(0, Some(end)), end);
+        assert_eq!(clock.now(0), ts_l(0, 2));
+        // A wall clock at the end of time observes it, and keeps handing it out.
+        assert!(clock.observe(end, u64::MAX));
         assert_eq!(clock.now(0), end);
         assert_eq!(clock.now(u64::MAX), end);
         assert_eq!(clock.last(), end);
+    }
+
+    fn ts_l(wall_ms: u64, logical: u32) -> Hlc {
+        Hlc { wall_ms, logical }
     }
 }

@@ -578,6 +578,48 @@ fn lww_mode_keeps_one_value() {
 }
 
 #[test]
+fn a_clock_an_hour_ahead_moves_no_other_clock_and_lww_still_keeps_the_later_write() {
+    const HOUR: u64 = 3_600_000;
+    let mut config = Config::new("n1");
+    config.q = 64;
+    config.versioning = Versioning::Lww;
+    let mut c = Cluster::with_config(3, config);
+    let real = c.now;
+    // n1's clock is set an hour ahead when it coordinates this write; the
+    // replicas take it with their own clocks.
+    c.now = real + HOUR;
+    let req = c.submit(
+        "n1",
+        put_req(b"skewed", Some(b"from the future"), None, None),
+    );
+    c.now = real + 10;
+    expect_put(c.wait(req));
+    c.settle();
+    for n in ["n2", "n3"] {
+        assert_eq!(c.node(n).far_future_timestamps(), 1, "{n} saw it once");
+    }
+    // n2's next write elsewhere is stamped from its own clock, not an hour on.
+    expect_put(c.put("n2", b"other", b"now", None));
+    c.settle();
+    let other = c.durable("n2", b"other").expect("stored");
+    let stamp = other
+        .siblings
+        .values()
+        .next()
+        .expect("one sibling")
+        .timestamp;
+    assert!(stamp.wall_ms < real + 1_000, "{stamp:?}");
+    // A later write over the skewed key, through n2, still wins under LWW.
+    let read = expect_get(c.get("n2", b"skewed", Some(3)));
+    expect_put(c.put("n2", b"skewed", b"later", Some(read.context)));
+    c.settle();
+    for n in ["n1", "n2", "n3"] {
+        let got = expect_get(c.get(n, b"skewed", Some(3)));
+        assert_eq!(values(&got), ["later"], "read through {n}");
+    }
+}
+
+#[test]
 fn hello_checks_cluster_q_n_and_membership() {
     let c = Cluster::new(3, 3, 2, 2);
     let n1 = c.node("n1");

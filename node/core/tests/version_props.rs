@@ -59,6 +59,10 @@ enum Op {
 
 const SESSIONS: usize = 2;
 
+/// The coordinators' clock drift bound: below the skews drawn (0..100 ms plus
+/// jitter), so histories mix observed and far-future timestamps.
+const DRIFT_MS: u64 = 50;
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     let context = prop_oneof![
         1 => Just(ContextChoice::None),
@@ -158,7 +162,7 @@ impl History {
                         incarnation: 0x1000 + i as u64,
                         epoch: 0,
                     },
-                    clock: HlcClock::default(),
+                    clock: HlcClock::with_max_drift(DRIFT_MS),
                     skew_ms,
                 })
                 .collect(),
@@ -191,12 +195,13 @@ impl History {
         let home = self.home(coordinator);
         let local = self.replicas[home].clone();
         let coord = &mut self.coordinators[coordinator];
-        if observe_local {
-            for sibling in local.siblings.values() {
-                coord.clock.observe(sibling.timestamp);
-            }
-        }
-        let timestamp = coord.clock.now(self.tick_ms + coord.skew_ms + jitter_ms);
+        let wall_ms = self.tick_ms + coord.skew_ms + jitter_ms;
+        let timestamp = if observe_local {
+            let newest = local.siblings.values().map(|s| s.timestamp).max();
+            coord.clock.stamp_after(wall_ms, newest)
+        } else {
+            coord.clock.now(wall_ms)
+        };
         let value = (!delete).then(|| format!("write-{}", self.writes.len()).into_bytes());
         let mut request_context = context.clone().unwrap_or_default();
         if overwrite {
@@ -321,7 +326,7 @@ impl History {
                 let index = coordinator % self.coordinators.len();
                 let coord = &mut self.coordinators[index];
                 coord.actor.epoch += 1;
-                coord.clock = HlcClock::default();
+                coord.clock = HlcClock::with_max_drift(DRIFT_MS);
             }
         }
     }
@@ -578,6 +583,39 @@ proptest! {
             Some(last) => prop_assert_eq!(full.siblings.keys().collect::<Vec<_>>(), vec![last]),
             None => prop_assert!(full.siblings.is_empty()),
         }
+    }
+
+    /// Last-write-wins with clocks far apart (a whole minute, against a 1 s
+    /// drift bound): one client writes through any coordinator, each holding
+    /// the previous write. Every write supersedes the one before, so the last
+    /// write survives, however far behind its coordinator's clock is; and no
+    /// coordinator's clock ever runs past its wall clock by more than the bound.
+    #[test]
+    fn lww_keeps_the_last_of_a_chain_whatever_the_skew(
+        skews_ms in prop::collection::vec(0..60_000u64, 3),
+        steps in prop::collection::vec((0..3usize, 0..40u64), 1..20),
+    ) {
+        let mut history = History::new(Versioning::Lww, &skews_ms, 3);
+        for coord in &mut history.coordinators {
+            coord.clock = HlcClock::with_max_drift(1_000);
+        }
+        for (coordinator, jitter_ms) in steps {
+            // The previous write reaches every replica first.
+            for from in 0..3 {
+                for to in 0..3 {
+                    history.apply(&Op::Merge { from, to });
+                }
+            }
+            history.apply(&Op::SessionWrite { session: 0, coordinator, jitter_ms });
+            for coord in &history.coordinators {
+                let wall_ms = history.tick_ms + coord.skew_ms + 40;
+                prop_assert!(coord.clock.last().wall_ms <= wall_ms + 1_000);
+            }
+        }
+        history.check_final(&[]);
+        let full = history.merged_all();
+        let last = history.session_dots[0].last().expect("at least one write");
+        prop_assert_eq!(full.siblings.keys().collect::<Vec<_>>(), vec![last]);
     }
 
     /// Two puts at one coordinator, the second with the first's reply context,

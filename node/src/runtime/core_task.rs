@@ -122,6 +122,10 @@ impl CoreTask {
                 .metrics
                 .core_events
                 .fetch_add(handled as u64, Ordering::Relaxed);
+            state
+                .metrics
+                .far_future_timestamps
+                .store(state.node.far_future_timestamps(), Ordering::Relaxed);
             let mut writes = Vec::new();
             while let Some(output) = state.node.poll_output() {
                 match output {

@@ -473,7 +473,7 @@ impl Metrics {
             (
                 "dynamo_clock_far_future_timestamps_total",
                 "counter",
-                "Version timestamps seen more than --max-clock-drift-ms ahead of this node's clock, which did not move its clock (a node's clock is set wrong).",
+                "Sightings of version timestamps more than --max-clock-drift-ms ahead of this node's clock, which did not move it: every replication, read and write of a key stamped by a clock set ahead counts, until this node's clock catches up.",
                 &self.far_future_timestamps,
             ),
             (

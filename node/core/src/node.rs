@@ -234,7 +234,17 @@ pub struct Node {
     warnings: Vec<String>,
     /// The far-future timestamp count last warned about.
     warned_far_future: u64,
+    /// Timestamps beyond the drift bound that this node's reads saw, by key
+    /// (at most [`MAX_FAR_FUTURE_FLOORS`]): a write it coordinates on such a
+    /// key before the read's repair reaches its own copy is still stamped
+    /// after them, as it was when the clock took every timestamp.
+    far_future_floors: BTreeMap<Vec<u8>, Hlc>,
 }
+
+/// Keys whose far-future read timestamps a node keeps (see
+/// `Node::far_future_floors`); past it the least key goes. A far-future
+/// timestamp is a wrong clock's, so this is for a few keys, not for all.
+const MAX_FAR_FUTURE_FLOORS: usize = 1024;
 
 impl Node {
     /// A node of a fixed cluster. `actor` must be fresh for this start (its epoch
@@ -289,6 +299,7 @@ impl Node {
             last_to_peer: BTreeMap::new(),
             warnings,
             warned_far_future: 0,
+            far_future_floors: BTreeMap::new(),
         })
     }
 
@@ -666,7 +677,9 @@ impl Node {
         match result {
             Ok(set) => {
                 if let Some(set) = &set {
-                    self.hlc_observe(now, from, set);
+                    if !self.hlc_observe(now, from, set) {
+                        self.keep_far_future_floor(req, set);
+                    }
                 }
                 let mode = self.config.versioning;
                 let Some(Pending::Get(get)) = self.pending.get_mut(&req) else {
@@ -818,8 +831,10 @@ impl Node {
             }
         };
         // In LWW mode the new write must sort after what it replaces here,
-        // even a sibling stamped beyond the drift bound.
-        let timestamp = self.hlc.stamp_after(now, newest_timestamp(&local));
+        // even a sibling stamped beyond the drift bound, and after what a
+        // read through this node saw that its own copy may not hold yet.
+        let floor = newest_timestamp(&local).max(self.far_future_floors.remove(&key));
+        let timestamp = self.hlc.stamp_after(now, floor);
         self.warn_if_far_future();
         let is_delete = value.is_none();
         let outcome = match version::write(
@@ -1043,18 +1058,37 @@ impl Node {
     // ---- plumbing -----------------------------------------------------------
 
     /// Moves the hybrid clock past the newest timestamp in a set from `from`,
-    /// unless that lies beyond the drift bound.
-    fn hlc_observe(&mut self, now: Millis, from: &NodeId, set: &DvvSet) {
-        if let Some(newest) = newest_timestamp(set) {
-            if !self.hlc.observe(newest, now) {
-                tracing::debug!(
-                    peer = %from,
-                    wall_ms = newest.wall_ms,
-                    now,
-                    "a timestamp beyond the clock drift bound was not observed"
-                );
-                self.warn_if_far_future();
-            }
+    /// unless that lies beyond the drift bound; returns false then.
+    fn hlc_observe(&mut self, now: Millis, from: &NodeId, set: &DvvSet) -> bool {
+        let Some(newest) = newest_timestamp(set) else {
+            return true;
+        };
+        if self.hlc.observe(newest, now) {
+            return true;
+        }
+        tracing::debug!(
+            peer = %from,
+            wall_ms = newest.wall_ms,
+            now,
+            "a timestamp beyond the clock drift bound was not observed"
+        );
+        self.warn_if_far_future();
+        false
+    }
+
+    /// Remembers the far-future newest timestamp of a read reply for get
+    /// `req`'s key, for a write this node coordinates on it next.
+    fn keep_far_future_floor(&mut self, req: u64, set: &DvvSet) {
+        let (Some(Pending::Get(get)), Some(newest)) =
+            (self.pending.get(&req), newest_timestamp(set))
+        else {
+            return;
+        };
+        let key = get.key.clone();
+        let floor = self.far_future_floors.entry(key).or_default();
+        *floor = (*floor).max(newest);
+        if self.far_future_floors.len() > MAX_FAR_FUTURE_FLOORS {
+            self.far_future_floors.pop_first();
         }
     }
 

@@ -526,9 +526,9 @@ pub const DEFAULT_MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 /// A hybrid logical clock fed by an injected wall clock (milliseconds).
 ///
 /// Timestamps it hands out strictly increase even when the wall clock stalls or
-/// goes backwards, and never fall behind a timestamp it has observed within the
-/// drift bound, so a write coordinated after seeing another's version is
-/// stamped later than it.
+/// goes backwards, and never fall behind a timestamp it has observed, so a
+/// write coordinated after seeing another's version within the drift bound is
+/// stamped later than it (beyond the bound, see below).
 ///
 /// The bound keeps one bad clock from moving every clock for good: a timestamp
 /// more than `max_drift_ms` ahead of this node's wall clock (a peer whose clock
@@ -611,8 +611,10 @@ impl HlcClock {
     /// The timestamp for a write that supersedes versions stamped up to
     /// `floor` (the newest sibling the writer holds): [`now`] after observing
     /// `floor`, or, when `floor` lies beyond the drift bound, the timestamp
-    /// just after it. Either way the write sorts after what it replaces, and a
-    /// far-future `floor` does not move the clock.
+    /// just after it. Either way the write sorts after what it replaces (but
+    /// for a hostile `floor` at the greatest timestamp there is, which it
+    /// ties: the dot decides), and a far-future `floor` does not move the
+    /// clock.
     ///
     /// [`now`]: HlcClock::now
     pub fn stamp_after(&mut self, wall_ms: u64, floor: Option<Hlc>) -> Hlc {
@@ -1116,16 +1118,20 @@ mod tests {
         // Exactly at the bound: observed.
         assert!(clock.observe(ts(6_000), 5_000));
         assert_eq!(clock.now(5_001), ts_l(6_000, 1));
+        // The bound runs from the wall clock, not from the clock's own value,
+        // so the clock cannot creep ahead one bound at a time.
+        assert!(!clock.observe(ts(7_000), 5_001));
+        assert_eq!(clock.far_future(), 1);
         // A clock set a year ahead: refused and counted.
         let year_ahead = ts(5_000 + 365 * 24 * 3_600_000);
         assert!(!clock.observe(year_ahead, 5_002));
-        assert_eq!(clock.far_future(), 1);
+        assert_eq!(clock.far_future(), 2);
         assert_eq!(clock.now(5_002), ts_l(6_000, 2));
         assert!(clock.last() < year_ahead);
         // Once the wall clock has caught up to within the bound, it is observed.
         assert!(clock.observe(year_ahead, year_ahead.wall_ms - 1_000));
         assert!(clock.now(0) > year_ahead);
-        assert_eq!(clock.far_future(), 1);
+        assert_eq!(clock.far_future(), 2);
     }
 
     #[test]

@@ -620,6 +620,65 @@ fn a_clock_an_hour_ahead_moves_no_other_clock_and_lww_still_keeps_the_later_writ
 }
 
 #[test]
+fn a_write_right_after_a_read_that_saw_a_far_future_version_is_stamped_after_it() {
+    const HOUR: u64 = 3_600_000;
+    let mut config = Config::new("n1");
+    config.q = 64;
+    config.versioning = Versioning::Lww;
+    let mut c = Cluster::with_config(3, config);
+    let real = c.now;
+    // n1 misses a write n2 coordinates with its clock an hour ahead.
+    c.isolate("n1");
+    c.now = real + HOUR;
+    let req = c.submit("n2", put_req(b"k", Some(b"from the future"), None, None));
+    c.now = real + 10;
+    expect_put(c.wait(req));
+    c.run_until_quiet();
+    c.heal();
+    // A read through n1 is answered by n1 and n2 while n3 is cut off, so the
+    // read's repair of n1's own copy waits for its deadline.
+    c.isolate("n3");
+    let read = expect_get(c.get("n1", b"k", Some(2)));
+    assert_eq!(values(&read), ["from the future"]);
+    assert!(
+        c.durable("n1", b"k").is_none(),
+        "n1's copy is not repaired yet"
+    );
+    // The client's next write through n1 still supersedes what it read.
+    expect_put(c.put("n1", b"k", b"later", Some(read.context)));
+    c.heal();
+    c.settle();
+    for n in ["n1", "n2", "n3"] {
+        let got = expect_get(c.get(n, b"k", Some(3)));
+        assert_eq!(values(&got), ["later"], "read through {n}");
+    }
+}
+
+#[test]
+fn a_clock_ahead_within_the_bound_moves_the_other_clocks() {
+    let mut config = Config::new("n1");
+    config.q = 64;
+    let mut c = Cluster::with_config(3, config);
+    let real = c.now;
+    // n1's clock is 30 s ahead, within the 60 s bound: the replicas observe it.
+    c.now = real + 30_000;
+    let req = c.submit("n1", put_req(b"ahead", Some(b"v"), None, None));
+    c.now = real + 10;
+    expect_put(c.wait(req));
+    c.settle();
+    c.now = real + 20;
+    let ahead = c.durable("n2", b"ahead").expect("stored");
+    let ahead = ahead.siblings.values().next().expect("a sibling").timestamp;
+    // n2's next write, on another key, is stamped after what it observed.
+    expect_put(c.put("n2", b"other", b"w", None));
+    c.settle();
+    let other = c.durable("n2", b"other").expect("stored");
+    let other = other.siblings.values().next().expect("a sibling").timestamp;
+    assert!(other > ahead, "{other:?} after {ahead:?}");
+    assert_eq!(c.node("n2").far_future_timestamps(), 0);
+}
+
+#[test]
 fn hello_checks_cluster_q_n_and_membership() {
     let c = Cluster::new(3, 3, 2, 2);
     let n1 = c.node("n1");

@@ -577,23 +577,54 @@ fn lww_mode_keeps_one_value() {
     assert_eq!(values(&got), ["new"]);
 }
 
-#[test]
-fn a_clock_an_hour_ahead_moves_no_other_clock_and_lww_still_keeps_the_later_write() {
-    const HOUR: u64 = 3_600_000;
+/// A 3-node cluster with `versioning`, `isolated` cut off, and an
+/// acknowledged put of `key` coordinated by `coordinator` with its clock
+/// `ahead_ms` ahead (the replicas take it with their own clocks, 10 ms on);
+/// returns the true time before the put.
+fn put_from_a_clock_ahead(
+    versioning: Versioning,
+    isolated: Option<&str>,
+    coordinator: &str,
+    key: &[u8],
+    ahead_ms: u64,
+) -> (Cluster, u64) {
     let mut config = Config::new("n1");
     config.q = 64;
-    config.versioning = Versioning::Lww;
+    config.versioning = versioning;
     let mut c = Cluster::with_config(3, config);
     let real = c.now;
-    // n1's clock is set an hour ahead when it coordinates this write; the
-    // replicas take it with their own clocks.
-    c.now = real + HOUR;
+    if let Some(node) = isolated {
+        c.isolate(node);
+    }
+    c.now = real + ahead_ms;
     let req = c.submit(
-        "n1",
-        put_req(b"skewed", Some(b"from the future"), None, None),
+        coordinator,
+        put_req(key, Some(b"from the future"), None, None),
     );
     c.now = real + 10;
     expect_put(c.wait(req));
+    (c, real)
+}
+
+/// Every node reads `key` (R = 3) as the one value `value`.
+fn all_read(c: &mut Cluster, key: &[u8], value: &str) {
+    for n in ["n1", "n2", "n3"] {
+        let got = expect_get(c.get(n, key, Some(3)));
+        assert_eq!(values(&got), [value], "read through {n}");
+    }
+}
+
+/// The timestamp of the one sibling `node` stores for `key`.
+fn stamp(c: &Cluster, node: &str, key: &[u8]) -> dynamo_proto::Hlc {
+    let set = c.durable(node, key).expect("stored");
+    set.siblings.values().next().expect("a sibling").timestamp
+}
+
+const HOUR: u64 = 3_600_000;
+
+#[test]
+fn a_clock_an_hour_ahead_moves_no_other_clock_and_lww_still_keeps_the_later_write() {
+    let (mut c, real) = put_from_a_clock_ahead(Versioning::Lww, None, "n1", b"skewed", HOUR);
     c.settle();
     for n in ["n2", "n3"] {
         assert_eq!(c.node(n).far_future_timestamps(), 1, "{n} saw it once");
@@ -601,38 +632,19 @@ fn a_clock_an_hour_ahead_moves_no_other_clock_and_lww_still_keeps_the_later_writ
     // n2's next write elsewhere is stamped from its own clock, not an hour on.
     expect_put(c.put("n2", b"other", b"now", None));
     c.settle();
-    let other = c.durable("n2", b"other").expect("stored");
-    let stamp = other
-        .siblings
-        .values()
-        .next()
-        .expect("one sibling")
-        .timestamp;
-    assert!(stamp.wall_ms < real + 1_000, "{stamp:?}");
+    let other = stamp(&c, "n2", b"other");
+    assert!(other.wall_ms < real + 1_000, "{other:?}");
     // A later write over the skewed key, through n2, still wins under LWW.
     let read = expect_get(c.get("n2", b"skewed", Some(3)));
     expect_put(c.put("n2", b"skewed", b"later", Some(read.context)));
     c.settle();
-    for n in ["n1", "n2", "n3"] {
-        let got = expect_get(c.get(n, b"skewed", Some(3)));
-        assert_eq!(values(&got), ["later"], "read through {n}");
-    }
+    all_read(&mut c, b"skewed", "later");
 }
 
 #[test]
 fn a_write_right_after_a_read_that_saw_a_far_future_version_is_stamped_after_it() {
-    const HOUR: u64 = 3_600_000;
-    let mut config = Config::new("n1");
-    config.q = 64;
-    config.versioning = Versioning::Lww;
-    let mut c = Cluster::with_config(3, config);
-    let real = c.now;
     // n1 misses a write n2 coordinates with its clock an hour ahead.
-    c.isolate("n1");
-    c.now = real + HOUR;
-    let req = c.submit("n2", put_req(b"k", Some(b"from the future"), None, None));
-    c.now = real + 10;
-    expect_put(c.wait(req));
+    let (mut c, _) = put_from_a_clock_ahead(Versioning::Lww, Some("n1"), "n2", b"k", HOUR);
     c.run_until_quiet();
     c.heal();
     // A read through n1 is answered by n1 and n2 while n3 is cut off, so the
@@ -648,32 +660,20 @@ fn a_write_right_after_a_read_that_saw_a_far_future_version_is_stamped_after_it(
     expect_put(c.put("n1", b"k", b"later", Some(read.context)));
     c.heal();
     c.settle();
-    for n in ["n1", "n2", "n3"] {
-        let got = expect_get(c.get(n, b"k", Some(3)));
-        assert_eq!(values(&got), ["later"], "read through {n}");
-    }
+    all_read(&mut c, b"k", "later");
 }
 
 #[test]
 fn a_clock_ahead_within_the_bound_moves_the_other_clocks() {
-    let mut config = Config::new("n1");
-    config.q = 64;
-    let mut c = Cluster::with_config(3, config);
-    let real = c.now;
     // n1's clock is 30 s ahead, within the 60 s bound: the replicas observe it.
-    c.now = real + 30_000;
-    let req = c.submit("n1", put_req(b"ahead", Some(b"v"), None, None));
-    c.now = real + 10;
-    expect_put(c.wait(req));
+    let (mut c, real) = put_from_a_clock_ahead(Versioning::Dvv, None, "n1", b"ahead", 30_000);
     c.settle();
     c.now = real + 20;
-    let ahead = c.durable("n2", b"ahead").expect("stored");
-    let ahead = ahead.siblings.values().next().expect("a sibling").timestamp;
+    let ahead = stamp(&c, "n2", b"ahead");
     // n2's next write, on another key, is stamped after what it observed.
     expect_put(c.put("n2", b"other", b"w", None));
     c.settle();
-    let other = c.durable("n2", b"other").expect("stored");
-    let other = other.siblings.values().next().expect("a sibling").timestamp;
+    let other = stamp(&c, "n2", b"other");
     assert!(other > ahead, "{other:?} after {ahead:?}");
     assert_eq!(c.node("n2").far_future_timestamps(), 0);
 }

@@ -477,6 +477,8 @@ mod tests {
         assert_eq!(c.commit_delay_us, 500);
         assert_eq!(c.max_connections, 4096);
         assert_eq!(c.memtable_mb, 64);
+        assert_eq!(c.max_clock_drift_ms, 60_000);
+        assert_eq!(c.core_config().max_clock_drift_ms, 60_000);
     }
 
     /// Resolves `args` with a config file holding `text`.
@@ -543,7 +545,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\nmax_clock_drift_ms = 5000\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -559,6 +561,7 @@ mod tests {
         assert_eq!(c.max_connections, 100);
         assert_eq!(c.commit_delay_us, 200);
         assert_eq!(c.memtable_mb, 32);
+        assert_eq!(c.core_config().max_clock_drift_ms, 5_000);
     }
 
     #[test]
@@ -594,6 +597,11 @@ mod tests {
             ..Default::default()
         })
         .contains("lww"));
+        assert!(bad(ServerArgs {
+            max_clock_drift_ms: Some(0),
+            ..Default::default()
+        })
+        .contains("--max-clock-drift-ms"));
         assert!(bad(ServerArgs {
             max_connections: Some(0),
             ..Default::default()

@@ -692,7 +692,12 @@ mod tests {
         assert_eq!(m.requests.count(RequestKind::Put, "quorum"), 2);
         assert_eq!(m.requests.count(RequestKind::LocalGet, "ok"), 1);
         assert_eq!(m.requests.count(RequestKind::Get, "ok"), 0);
+        m.far_future_timestamps.store(3, Ordering::Relaxed);
         let text = m.render();
+        assert!(
+            text.contains("dynamo_clock_far_future_timestamps_total 3\n"),
+            "{text}"
+        );
         assert!(
             text.contains("dynamo_client_requests_total{kind=\"put\",outcome=\"quorum\"} 2\n"),
             "{text}"

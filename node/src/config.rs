@@ -101,6 +101,11 @@ pub struct ServerArgs {
     /// counted and logged (a clock set wrong). [default: 60000]
     #[arg(long, env = "DYNAMO_MAX_CLOCK_DRIFT_MS")]
     pub max_clock_drift_ms: Option<u64>,
+    /// Time between two anti-entropy exchanges this node starts, in
+    /// milliseconds: each compares one partition's hash tree with one other
+    /// replica and repairs what differs; 0 turns anti-entropy off. [default: 1000]
+    #[arg(long, env = "DYNAMO_ANTI_ENTROPY_INTERVAL_MS")]
+    pub anti_entropy_interval_ms: Option<u64>,
     /// Memory for the row cache of recently read and written keys, in MiB;
     /// worth it for read-heavy loads on small values (see the README). [default: 0, off]
     #[arg(long, env = "DYNAMO_CACHE_MB")]
@@ -148,6 +153,7 @@ struct FileConfig {
     max_siblings: Option<usize>,
     versioning: Option<String>,
     max_clock_drift_ms: Option<u64>,
+    anti_entropy_interval_ms: Option<u64>,
     cache_mb: Option<u64>,
     memtable_mb: Option<u64>,
     worker_threads: Option<usize>,
@@ -207,6 +213,8 @@ pub struct ServerConfig {
     #[serde(serialize_with = "debug_lower")]
     pub versioning: Versioning,
     pub max_clock_drift_ms: u64,
+    /// Time between anti-entropy exchanges; 0: off.
+    pub anti_entropy_interval_ms: u64,
     /// The row cache's bound in bytes; 0: no cache.
     pub cache_bytes: u64,
     /// The storage engine's memtable size in MiB.
@@ -311,6 +319,11 @@ impl ServerConfig {
                 &args.max_clock_drift_ms,
                 file.max_clock_drift_ms,
                 dynamo_core::version::DEFAULT_MAX_CLOCK_DRIFT_MS,
+            ),
+            anti_entropy_interval_ms: pick(
+                &args.anti_entropy_interval_ms,
+                file.anti_entropy_interval_ms,
+                dynamo_core::anti_entropy::DEFAULT_INTERVAL_MS,
             ),
             cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
             memtable_mb: pick(&args.memtable_mb, file.memtable_mb, DEFAULT_MEMTABLE_MB),
@@ -456,6 +469,7 @@ impl ServerConfig {
         c.max_key_bytes = self.max_key_bytes;
         c.max_value_bytes = self.max_value_bytes;
         c.max_clock_drift_ms = self.max_clock_drift_ms;
+        c.anti_entropy_interval_ms = self.anti_entropy_interval_ms;
         c
     }
 }
@@ -479,6 +493,7 @@ mod tests {
         assert_eq!(c.memtable_mb, 64);
         assert_eq!(c.max_clock_drift_ms, 60_000);
         assert_eq!(c.core_config().max_clock_drift_ms, 60_000);
+        assert_eq!(c.core_config().anti_entropy_interval_ms, 1_000);
     }
 
     /// Resolves `args` with a config file holding `text`.
@@ -545,7 +560,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\nmax_clock_drift_ms = 5000\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\nmax_clock_drift_ms = 5000\nanti_entropy_interval_ms = 250\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -562,6 +577,7 @@ mod tests {
         assert_eq!(c.commit_delay_us, 200);
         assert_eq!(c.memtable_mb, 32);
         assert_eq!(c.core_config().max_clock_drift_ms, 5_000);
+        assert_eq!(c.core_config().anti_entropy_interval_ms, 250);
     }
 
     #[test]

@@ -261,6 +261,11 @@ pub struct Metrics {
     /// Timestamps seen beyond the clock drift bound (the core's count, copied
     /// after each turn).
     pub far_future_timestamps: AtomicU64,
+    /// Anti-entropy's counters (the core's, copied after each turn).
+    pub anti_entropy_exchanges: AtomicU64,
+    pub anti_entropy_segments_differing: AtomicU64,
+    pub anti_entropy_keys_repaired: AtomicU64,
+    pub anti_entropy_read_failures: AtomicU64,
     /// Client connections open (every front end), and those refused at the
     /// bound (see [`crate::connection_limit`]).
     pub client_connections: AtomicU64,
@@ -280,9 +285,29 @@ impl Metrics {
             core_turns: AtomicU64::new(0),
             core_events: AtomicU64::new(0),
             far_future_timestamps: AtomicU64::new(0),
+            anti_entropy_exchanges: AtomicU64::new(0),
+            anti_entropy_segments_differing: AtomicU64::new(0),
+            anti_entropy_keys_repaired: AtomicU64::new(0),
+            anti_entropy_read_failures: AtomicU64::new(0),
             client_connections: AtomicU64::new(0),
             client_connections_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Copies what the core counts itself (far-future timestamps,
+    /// anti-entropy) after one of its turns.
+    pub fn record_core(&self, node: &dynamo_core::Node) {
+        self.far_future_timestamps
+            .store(node.far_future_timestamps(), Ordering::Relaxed);
+        let ae = node.anti_entropy_stats();
+        self.anti_entropy_exchanges
+            .store(ae.exchanges, Ordering::Relaxed);
+        self.anti_entropy_segments_differing
+            .store(ae.segments_differing, Ordering::Relaxed);
+        self.anti_entropy_keys_repaired
+            .store(ae.keys_repaired, Ordering::Relaxed);
+        self.anti_entropy_read_failures
+            .store(ae.read_failures, Ordering::Relaxed);
     }
 
     /// A node's metrics with a storage worker's counters of its own, for
@@ -337,7 +362,7 @@ impl Metrics {
         let s = &self.storage;
         let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 25] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 29] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -475,6 +500,30 @@ impl Metrics {
                 "counter",
                 "Sightings of version timestamps more than --max-clock-drift-ms ahead of this node's clock, which did not move it: every replication, read and write of a key stamped by a clock set ahead counts, until this node's clock catches up.",
                 &self.far_future_timestamps,
+            ),
+            (
+                "dynamo_anti_entropy_exchanges_total",
+                "counter",
+                "Anti-entropy exchanges this node started: one partition's segment hashes sent to one other replica.",
+                &self.anti_entropy_exchanges,
+            ),
+            (
+                "dynamo_anti_entropy_segments_differing_total",
+                "counter",
+                "Hash-tree segments found to differ from a replica's, on either side of an exchange (in sync replicas add none).",
+                &self.anti_entropy_segments_differing,
+            ),
+            (
+                "dynamo_anti_entropy_keys_repaired_total",
+                "counter",
+                "Keys whose stored set an anti-entropy exchange changed on this node.",
+                &self.anti_entropy_keys_repaired,
+            ),
+            (
+                "dynamo_anti_entropy_read_failures_total",
+                "counter",
+                "Anti-entropy exchanges that could not run because this node could not read the partition from its store.",
+                &self.anti_entropy_read_failures,
             ),
             (
                 "dynamo_client_connections",
@@ -693,7 +742,12 @@ mod tests {
         assert_eq!(m.requests.count(RequestKind::LocalGet, "ok"), 1);
         assert_eq!(m.requests.count(RequestKind::Get, "ok"), 0);
         m.far_future_timestamps.store(3, Ordering::Relaxed);
+        m.anti_entropy_keys_repaired.store(5, Ordering::Relaxed);
         let text = m.render();
+        assert!(
+            text.contains("dynamo_anti_entropy_keys_repaired_total 5\n"),
+            "{text}"
+        );
         assert!(
             text.contains("dynamo_clock_far_future_timestamps_total 3\n"),
             "{text}"

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version carried in every frame header. Bump it whenever a
 /// message's encoding changes; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// How a write treats the versions it did not name in its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -233,4 +233,29 @@ pub enum PeerMessage {
     Pong {
         seq: u64,
     },
+    /// Anti-entropy, from one primary of `partition` to another: the sender's
+    /// hashes of the partition's segments (`dynamo_core::anti_entropy`). A
+    /// receiver whose hashes differ answers with `AntiEntropyEntries`.
+    AntiEntropySegments {
+        partition: u32,
+        segments: Vec<u64>,
+    },
+    /// Anti-entropy: the sender's stored sets of the keys of `partition` that
+    /// fall in `segments`. Merge them; with `reply`, answer with your own
+    /// entries in those segments (after merging), without `reply`.
+    AntiEntropyEntries {
+        partition: u32,
+        #[serde(with = "serde_bytes")]
+        segments: Vec<u8>,
+        entries: Vec<AntiEntropyEntry>,
+        reply: bool,
+    },
+}
+
+/// One key's stored set, as anti-entropy ships it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AntiEntropyEntry {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub set: DvvSet,
 }

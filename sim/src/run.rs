@@ -1,6 +1,6 @@
 //! One simulated run: build the world, run the workload and the fault steps,
-//! then the liveness phase (heal, restart, read everything with R = N,
-//! quiesce), then the checkers.
+//! then the liveness phase (heal, restart, read everything with R = N unless
+//! the scenario leaves that to anti-entropy, quiesce), then the checkers.
 
 use crate::checkers::{check_all, CheckParams, CheckReport};
 use crate::history::History;
@@ -75,17 +75,21 @@ pub async fn run(scenario: Scenario, seed: u64) -> anyhow::Result<RunResult> {
             .ip(crate::world::client_ip(200))
             .build()
     });
-    let unreadable_keys = reader
-        .spawn(workload::read_everything(
-            usize::MAX,
-            scenario.workload.keys,
-            n,
-            addrs.clone(),
-            scenario.cluster.request_timeout.0,
-            shared.clone(),
-        ))
-        .await
-        .unwrap_or(scenario.workload.keys);
+    let unreadable_keys = if scenario.liveness.read_all {
+        reader
+            .spawn(workload::read_everything(
+                usize::MAX,
+                scenario.workload.keys,
+                n,
+                addrs.clone(),
+                scenario.cluster.request_timeout.0,
+                shared.clone(),
+            ))
+            .await
+            .unwrap_or(scenario.workload.keys)
+    } else {
+        0
+    };
     sleep(Duration::from_millis(scenario.liveness.quiesce.0)).await;
     let sim_ms = shared.elapsed_ms();
 

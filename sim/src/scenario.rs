@@ -83,6 +83,11 @@ pub struct ClusterSpec {
     /// How far ahead of a node's clock a timestamp may move it
     /// (`--max-clock-drift-ms`).
     pub max_clock_drift: Millis,
+    /// Time between the anti-entropy exchanges each node starts
+    /// (`--anti-entropy-interval-ms`); 0, the default here, turns it off. The
+    /// node's default is on; scenario files written before anti-entropy keep
+    /// their traces (and their pinned seeds what they found) unless they ask.
+    pub anti_entropy: Millis,
 }
 
 impl Default for ClusterSpec {
@@ -97,6 +102,7 @@ impl Default for ClusterSpec {
             request_timeout: Millis(1000),
             max_siblings: 64,
             max_clock_drift: Millis(dynamo_core::version::DEFAULT_MAX_CLOCK_DRIFT_MS),
+            anti_entropy: Millis(0),
         }
     }
 }
@@ -199,12 +205,17 @@ impl Default for DiskSpec {
 pub struct LivenessSpec {
     /// How long the cluster gets, after the final reads, to converge.
     pub quiesce: Millis,
+    /// Read every key with R = N after healing (read repair then converges
+    /// the replicas). Off, only anti-entropy can, and the convergence checker
+    /// tests it.
+    pub read_all: bool,
 }
 
 impl Default for LivenessSpec {
     fn default() -> Self {
         LivenessSpec {
             quiesce: Millis(5_000),
+            read_all: true,
         }
     }
 }
@@ -346,6 +357,10 @@ pub struct SwarmSpec {
     pub disk_stall: bool,
     /// Also make disks' reads fail for a while (`read_fail`), likewise.
     pub read_fail: bool,
+    /// Also run anti-entropy, likewise drawn from a stream of its own: in
+    /// half the seeds, at 20-200 ms between exchanges, and in half of those
+    /// without the final reads, so that only anti-entropy converges them.
+    pub anti_entropy: bool,
     pub max_loss: f64,
     pub max_latency: Millis,
     pub max_skew: Millis,
@@ -368,6 +383,7 @@ impl Default for SwarmSpec {
             disk_fail: false,
             disk_stall: false,
             read_fail: false,
+            anti_entropy: false,
             max_loss: 0.2,
             max_latency: Millis(100),
             max_skew: Millis(2_000),
@@ -412,6 +428,25 @@ fn fault_then_restart(at: u64, end: u64, fault: Action, node: String) -> [Step; 
             action: Action::Restart { node },
         },
     ]
+}
+
+/// A swarm seed's anti-entropy: on in one seed in two, at 20-200 ms between
+/// exchanges; in half of those the final reads are skipped, so convergence is
+/// anti-entropy's alone, and the quiesce is long enough for every node to go
+/// through each of its (partition, replica) pairs twice.
+fn draw_anti_entropy(seed: u64, s: &mut Scenario) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa17e_e7a0);
+    if !rng.gen_bool(0.5) {
+        return;
+    }
+    let interval = rng.gen_range(20..=200u64);
+    s.cluster.anti_entropy = Millis(interval);
+    if rng.gen_bool(0.5) {
+        s.liveness.read_all = false;
+        // A node is a primary of at most every partition, with n - 1 others.
+        let pairs = u64::from(s.cluster.q) * u64::from(s.cluster.n.saturating_sub(1)).max(1);
+        s.liveness.quiesce = Millis(s.liveness.quiesce.0.max(2 * pairs * interval));
+    }
 }
 
 /// A swarm seed's disk failures: in one seed in three, one or two nodes' disks
@@ -731,6 +766,9 @@ impl Scenario {
                 |node, duration| Action::ReadFail { node, duration },
             ));
         }
+        if swarm.anti_entropy {
+            draw_anti_entropy(seed, &mut s);
+        }
         steps.sort_by_key(|s| s.at);
         s.steps = steps;
         s
@@ -825,6 +863,38 @@ mod tests {
             (10..=35).contains(&seeds_with_failures),
             "{seeds_with_failures} of 60"
         );
+    }
+
+    #[test]
+    fn swarm_anti_entropy_is_on_in_some_seeds_and_changes_no_other_draw() {
+        let without = Scenario::parse("name = \"swarm\"\n[swarm]\n").unwrap();
+        let with = Scenario::parse("name = \"swarm\"\n[swarm]\nanti_entropy = true\n").unwrap();
+        let (mut on, mut reads_skipped) = (0, 0);
+        for seed in 0..60 {
+            let (a, b) = (without.resolve(seed), with.resolve(seed));
+            assert_eq!(a.steps, b.steps, "seed {seed}");
+            assert_eq!(a.workload, b.workload, "seed {seed}");
+            assert_eq!(a.cluster.anti_entropy, Millis(0));
+            assert!(a.liveness.read_all);
+            let mut cluster = b.cluster.clone();
+            cluster.anti_entropy = Millis(0);
+            assert_eq!(a.cluster, cluster, "seed {seed}");
+            if b.cluster.anti_entropy.0 > 0 {
+                on += 1;
+                assert!((20..=200).contains(&b.cluster.anti_entropy.0));
+            }
+            if !b.liveness.read_all {
+                reads_skipped += 1;
+                assert!(
+                    b.cluster.anti_entropy.0 > 0,
+                    "seed {seed}: no reads and no anti-entropy"
+                );
+                let sweep = u64::from(b.cluster.q) * u64::from(b.cluster.n - 1);
+                assert!(b.liveness.quiesce.0 >= 2 * sweep * b.cluster.anti_entropy.0);
+            }
+        }
+        assert!((20..=40).contains(&on), "{on} of 60");
+        assert!((5..=25).contains(&reads_skipped), "{reads_skipped} of 60");
     }
 
     #[test]

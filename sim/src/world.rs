@@ -99,6 +99,7 @@ impl World {
                 request_timeout_ms: Some(scenario.cluster.request_timeout.0),
                 max_siblings: Some(scenario.cluster.max_siblings),
                 max_clock_drift_ms: Some(scenario.cluster.max_clock_drift.0),
+                anti_entropy_interval_ms: Some(scenario.cluster.anti_entropy.0),
                 versioning: Some(scenario.cluster.versioning.clone()),
                 // The row cache is off by default; the simulator runs every
                 // node with it, so a cache that ever answered differently

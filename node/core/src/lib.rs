@@ -5,6 +5,7 @@
 //! randomness, does I/O or depends on std's randomly seeded hash order: the
 //! simulator and the production node run this very code.
 
+pub mod anti_entropy;
 pub mod membership;
 pub mod node;
 pub mod quorum;

@@ -10,14 +10,16 @@
 //! replica acknowledges, and a coordinator counts its own copy, only once the
 //! shell calls [`Node::on_persisted`] for it.
 
+use crate::anti_entropy::{self, HashTrees, Schedule};
 use crate::membership::{HelloCheck, Member, Membership, Reachability};
 use crate::quorum;
 use crate::ring::RingError;
 use crate::store::LocalStore;
 use crate::version::{self, HlcClock, Versioning};
 use dynamo_proto::{
-    Actor, ClientEnvelope, ClientError, ClientReply, ClientRequest, ClusterId, ClusterInfo,
-    Context, Dot, DvvSet, GetReply, Hello, Hlc, MemberInfo, NodeId, PeerMessage, WriteMode,
+    Actor, AntiEntropyEntry, ClientEnvelope, ClientError, ClientReply, ClientRequest, ClusterId,
+    ClusterInfo, Context, Dot, DvvSet, GetReply, Hello, Hlc, MemberInfo, NodeId, PeerMessage,
+    WriteMode,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -49,6 +51,9 @@ pub struct Config {
     /// How far ahead of this node's wall clock a timestamp it sees may move
     /// its hybrid clock (see [`HlcClock`]).
     pub max_clock_drift_ms: Millis,
+    /// Time between two anti-entropy exchanges this node starts (0: none;
+    /// see [`anti_entropy`]).
+    pub anti_entropy_interval_ms: Millis,
 }
 
 impl Config {
@@ -67,6 +72,7 @@ impl Config {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
             max_clock_drift_ms: version::DEFAULT_MAX_CLOCK_DRIFT_MS,
+            anti_entropy_interval_ms: anti_entropy::DEFAULT_INTERVAL_MS,
         }
     }
 }
@@ -239,6 +245,11 @@ pub struct Node {
     /// key before the read's repair reaches its own copy is still stamped
     /// after them, as it was when the clock took every timestamp.
     far_future_floors: BTreeMap<Vec<u8>, Hlc>,
+    /// Anti-entropy: the hash trees of the partitions exchanged so far, when
+    /// the next exchange starts and with whom, and what it has done.
+    trees: HashTrees,
+    exchanges: Schedule,
+    anti_entropy: anti_entropy::Stats,
 }
 
 /// Keys whose far-future read timestamps a node keeps (see
@@ -278,6 +289,7 @@ impl Node {
         warnings.extend(warn_r);
         warnings.extend(warn_w);
         let max_clock_drift_ms = config.max_clock_drift_ms;
+        let exchanges = Schedule::new(config.anti_entropy_interval_ms, 0);
         Ok(Node {
             config,
             n,
@@ -300,6 +312,9 @@ impl Node {
             warnings,
             warned_far_future: 0,
             far_future_floors: BTreeMap::new(),
+            trees: HashTrees::default(),
+            exchanges,
+            anti_entropy: anti_entropy::Stats::default(),
         })
     }
 
@@ -386,7 +401,11 @@ impl Node {
     /// When [`Node::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.timers.first().map(|&(at, _)| at)
+        let deadline = self.timers.first().map(|&(at, _)| at);
+        match (deadline, self.exchanges.next_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Expires every request whose deadline has passed.
@@ -399,6 +418,9 @@ impl Node {
             if let Some(pending) = self.pending.remove(&req) {
                 self.expire(req, pending);
             }
+        }
+        if self.exchanges.due(now) {
+            self.start_exchange();
         }
     }
 
@@ -464,6 +486,16 @@ impl Node {
                     tracing::error!(error = %e, "read repair could not be applied");
                 }
             }
+            PeerMessage::AntiEntropySegments {
+                partition,
+                segments,
+            } => self.on_exchange_segments(from, partition, &segments),
+            PeerMessage::AntiEntropyEntries {
+                partition,
+                segments,
+                entries,
+                reply,
+            } => self.on_exchange_entries(now, from, partition, &segments, entries, reply),
             PeerMessage::Forward { req, request } => {
                 let origin = Origin::Forwarded {
                     from: from.clone(),
@@ -860,6 +892,11 @@ impl Node {
                 return self.answer(origin, ClientReply::Error(e));
             }
         };
+        if self.trees.is_built(partition) {
+            let old = anti_entropy::entry_hash(&key, &local);
+            let new = anti_entropy::entry_hash(&key, &outcome.set);
+            self.trees.update(partition, &key, old, new);
+        }
         let req = self.next_request();
         for p in &primaries {
             if *p != self.config.node {
@@ -1016,18 +1053,26 @@ impl Node {
         incoming: &DvvSet,
         waiter: PersistWaiter,
         always_persist: bool,
-    ) -> Result<(), (String, PersistWaiter)> {
+    ) -> Result<bool, (String, PersistWaiter)> {
         let partition = self.membership.ring().partition_for_key(key);
         let mut local = match self.load(partition, key) {
             Ok(set) => set.unwrap_or_default(),
             // The waiter comes back so its owner can be told.
             Err(e) => return Err((e, waiter)),
         };
+        let old_hash = self
+            .trees
+            .is_built(partition)
+            .then(|| anti_entropy::entry_hash(key, &local));
         let changed = version::merge_into(&mut local, incoming, self.config.versioning);
         if changed || always_persist {
+            if let Some(old) = old_hash {
+                let new = anti_entropy::entry_hash(key, &local);
+                self.trees.update(partition, key, old, new);
+            }
             self.persist(partition, key.to_vec(), local, waiter);
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn persist(&mut self, partition: u32, key: Vec<u8>, set: DvvSet, waiter: PersistWaiter) {
@@ -1053,6 +1098,222 @@ impl Node {
             return Ok(Some(set.clone()));
         }
         self.store.load(partition, key).map_err(|e| e.to_string())
+    }
+
+    // ---- anti-entropy -------------------------------------------------------
+
+    /// What anti-entropy has done on this node so far.
+    pub fn anti_entropy_stats(&self) -> anti_entropy::Stats {
+        self.anti_entropy
+    }
+
+    /// The partitions this node is a primary of, ascending, with each one's
+    /// other primaries in preference-list order.
+    fn replica_peers(&self) -> Vec<(u32, Vec<NodeId>)> {
+        let ring = self.membership.ring();
+        (0..ring.partition_count())
+            .filter_map(|p| {
+                let primaries = ring.primaries(p, usize::from(self.n));
+                primaries.contains(&self.config.node).then(|| {
+                    let others = primaries
+                        .into_iter()
+                        .filter(|o| *o != self.config.node)
+                        .collect();
+                    (p, others)
+                })
+            })
+            .collect()
+    }
+
+    /// Starts the next exchange of the round robin with a reachable peer:
+    /// sends it this node's segment hashes of the partition.
+    fn start_exchange(&mut self) {
+        let pairs: Vec<(u32, NodeId)> = self
+            .replica_peers()
+            .into_iter()
+            .flat_map(|(p, others)| others.into_iter().map(move |o| (p, o)))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        for _ in 0..pairs.len() {
+            let (partition, peer) =
+                pairs[(self.exchanges.cursor % pairs.len() as u64) as usize].clone();
+            self.exchanges.cursor = self.exchanges.cursor.wrapping_add(1);
+            if self.membership.reachability(&peer) != Reachability::Reachable {
+                continue;
+            }
+            let Some(segments) = self.tree_of(partition).map(|s| s.to_vec()) else {
+                return;
+            };
+            self.anti_entropy.exchanges += 1;
+            self.send(
+                &peer,
+                PeerMessage::AntiEntropySegments {
+                    partition,
+                    segments,
+                },
+            );
+            return;
+        }
+    }
+
+    /// The segment hashes of `partition`, building its tree from the store
+    /// and this node's unpersisted writes the first time. `None` when the
+    /// store cannot be read (counted; the next exchange tries again).
+    fn tree_of(&mut self, partition: u32) -> Option<&anti_entropy::Segments> {
+        if !self.trees.is_built(partition) {
+            let entries = match self.stored_entries(partition, None) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    self.anti_entropy.read_failures += 1;
+                    tracing::warn!(partition, error = %e, "anti-entropy cannot read the partition");
+                    return None;
+                }
+            };
+            self.trees.build(
+                partition,
+                entries.iter().map(|(k, set)| (k.as_slice(), set)),
+            );
+        }
+        self.trees.segments(partition)
+    }
+
+    /// What this node stores in `partition` (in the segments `only`, when
+    /// given): the store's sets with the unpersisted writes over them, in key
+    /// order, empty sets left out.
+    fn stored_entries(
+        &self,
+        partition: u32,
+        only: Option<&[u8]>,
+    ) -> Result<BTreeMap<Vec<u8>, DvvSet>, String> {
+        let wanted = |key: &[u8]| {
+            only.is_none_or(|segs| segs.contains(&(anti_entropy::segment_of(key) as u8)))
+        };
+        let mut entries: BTreeMap<Vec<u8>, DvvSet> = self
+            .store
+            .scan(partition)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|(key, _)| wanted(key))
+            .collect();
+        if let Some(unsynced) = self.unsynced.get(&partition) {
+            for (key, (set, _)) in unsynced {
+                if wanted(key) {
+                    entries.insert(key.clone(), set.clone());
+                }
+            }
+        }
+        entries.retain(|_, set| !anti_entropy::holds_nothing(set));
+        Ok(entries)
+    }
+
+    /// Whether `from` and this node are both primaries of `partition` (an
+    /// exchange with anyone else is refused: a peer's ring may disagree).
+    fn exchange_allowed(&self, from: &NodeId, partition: u32) -> bool {
+        let ring = self.membership.ring();
+        if partition >= ring.partition_count() {
+            return false;
+        }
+        let primaries = ring.primaries(partition, usize::from(self.n));
+        primaries.contains(from) && primaries.contains(&self.config.node)
+    }
+
+    /// A peer's segment hashes: answers with this node's entries in the
+    /// segments that differ, asking for the peer's in return.
+    fn on_exchange_segments(&mut self, from: &NodeId, partition: u32, theirs: &[u64]) {
+        if theirs.len() != anti_entropy::SEGMENTS || !self.exchange_allowed(from, partition) {
+            tracing::warn!(peer = %from, partition, "anti-entropy segments refused: not a replica pair, or malformed");
+            return;
+        }
+        let Some(ours) = self.tree_of(partition) else {
+            return;
+        };
+        let differing = anti_entropy::differing(ours, theirs);
+        if differing.is_empty() {
+            return;
+        }
+        self.anti_entropy.segments_differing += differing.len() as u64;
+        self.send_entries(from, partition, differing, true);
+    }
+
+    /// Sends this node's entries of `partition` in `segments` to `to`, up to
+    /// [`anti_entropy::MAX_ENTRIES_BYTES`].
+    fn send_entries(&mut self, to: &NodeId, partition: u32, segments: Vec<u8>, reply: bool) {
+        let entries = match self.stored_entries(partition, Some(&segments)) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.anti_entropy.read_failures += 1;
+                tracing::warn!(partition, error = %e, "anti-entropy cannot read the partition");
+                return;
+            }
+        };
+        let mut budget = anti_entropy::MAX_ENTRIES_BYTES;
+        let mut shipped = Vec::new();
+        for (key, set) in entries {
+            let size = key.len() + set.estimated_bytes();
+            if size > budget && !shipped.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+            shipped.push(AntiEntropyEntry { key, set });
+        }
+        self.send(
+            to,
+            PeerMessage::AntiEntropyEntries {
+                partition,
+                segments,
+                entries: shipped,
+                reply,
+            },
+        );
+    }
+
+    /// A peer's entries of the segments that differ: merges each (a merge
+    /// persists only what changes), then, when asked, answers with this
+    /// node's entries of those segments, which now cover the peer's.
+    fn on_exchange_entries(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        partition: u32,
+        segments: &[u8],
+        entries: Vec<AntiEntropyEntry>,
+        reply: bool,
+    ) {
+        let well_formed = segments
+            .iter()
+            .all(|&s| usize::from(s) < anti_entropy::SEGMENTS)
+            && segments.len() <= anti_entropy::MAX_DIFF_SEGMENTS;
+        if !well_formed || !self.exchange_allowed(from, partition) {
+            tracing::warn!(peer = %from, partition, "anti-entropy entries refused: not a replica pair, or malformed");
+            return;
+        }
+        for AntiEntropyEntry { key, set } in entries {
+            let in_place = self.check_key(&key).is_ok()
+                && self.membership.ring().partition_for_key(&key) == partition
+                && segments.contains(&(anti_entropy::segment_of(&key) as u8));
+            if !in_place {
+                tracing::warn!(peer = %from, partition, "anti-entropy entry for a key outside the segments sent; dropped");
+                continue;
+            }
+            if let Some(why) = version::malformation(&set) {
+                tracing::error!(peer = %from, "malformed version set from anti-entropy refused: {why}");
+                continue;
+            }
+            self.hlc_observe(now, from, &set);
+            match self.merge_local(&key, &set, PersistWaiter::Nobody, false) {
+                Ok(true) => self.anti_entropy.keys_repaired += 1,
+                Ok(false) => {}
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "anti-entropy could not merge a key");
+                }
+            }
+        }
+        if reply {
+            self.anti_entropy.segments_differing += segments.len() as u64;
+            self.send_entries(from, partition, segments.to_vec(), false);
+        }
     }
 
     // ---- plumbing -----------------------------------------------------------

@@ -16,4 +16,10 @@ pub struct StoreError(pub String);
 /// partition can be scanned in order (transfers and anti-entropy need it).
 pub trait LocalStore {
     fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StoreError>;
+
+    /// Every key the store holds in `partition`, with its set, in key order
+    /// (anti-entropy builds its hash trees and ships segments from it). Like
+    /// `load`, it need not see writes not yet applied: the node overlays its
+    /// own unpersisted writes.
+    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError>;
 }

@@ -5,7 +5,6 @@ mod util;
 
 use dynamo_core::node::first_request_id;
 use dynamo_core::version::Versioning;
-use dynamo_core::Config;
 use dynamo_proto::{ClientError, ClientReply, ClientRequest, ClusterId, Hello, NodeId, WriteMode};
 use util::*;
 
@@ -348,8 +347,7 @@ fn per_request_quorums_are_validated_and_defaults_clamped() {
 
 #[test]
 fn limits_and_max_siblings_give_clear_errors() {
-    let mut config = Config::new("n1");
-    config.q = 64;
+    let mut config = quiet_config();
     config.max_siblings = 3;
     config.max_key_bytes = 8;
     config.max_value_bytes = 16;
@@ -566,8 +564,7 @@ fn a_replica_that_cannot_read_fails_every_folded_write_at_once() {
 
 #[test]
 fn lww_mode_keeps_one_value() {
-    let mut config = Config::new("n1");
-    config.q = 64;
+    let mut config = quiet_config();
     config.versioning = Versioning::Lww;
     let mut c = Cluster::with_config(3, config);
     expect_put(c.put("n1", b"k", b"old", None));
@@ -588,8 +585,7 @@ fn put_from_a_clock_ahead(
     key: &[u8],
     ahead_ms: u64,
 ) -> (Cluster, u64) {
-    let mut config = Config::new("n1");
-    config.q = 64;
+    let mut config = quiet_config();
     config.versioning = versioning;
     let mut c = Cluster::with_config(3, config);
     let real = c.now;

@@ -122,10 +122,7 @@ impl CoreTask {
                 .metrics
                 .core_events
                 .fetch_add(handled as u64, Ordering::Relaxed);
-            state
-                .metrics
-                .far_future_timestamps
-                .store(state.node.far_future_timestamps(), Ordering::Relaxed);
+            state.metrics.record_core(&state.node);
             let mut writes = Vec::new();
             while let Some(output) = state.node.poll_output() {
                 match output {

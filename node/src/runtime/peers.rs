@@ -179,6 +179,16 @@ fn estimated_bytes(msg: &PeerMessage) -> usize {
                 ClientReply::LocalGet(set) => set.as_ref().map_or(0, DvvSet::estimated_bytes),
                 ClientReply::ClusterInfo(_) | ClientReply::Pong { .. } | ClientReply::Error(_) => 0,
             },
+            PeerMessage::AntiEntropySegments { segments, .. } => 8 * segments.len(),
+            PeerMessage::AntiEntropyEntries {
+                segments, entries, ..
+            } => {
+                segments.len()
+                    + entries
+                        .iter()
+                        .map(|e| e.key.len() + e.set.estimated_bytes())
+                        .sum::<usize>()
+            }
             PeerMessage::Hello(_)
             | PeerMessage::HelloRejected { .. }
             | PeerMessage::Ping { .. }
@@ -712,6 +722,8 @@ fn kind(msg: &PeerMessage) -> &'static str {
         PeerMessage::ForwardReply { .. } => "ForwardReply",
         PeerMessage::Ping { .. } => "Ping",
         PeerMessage::Pong { .. } => "Pong",
+        PeerMessage::AntiEntropySegments { .. } => "AntiEntropySegments",
+        PeerMessage::AntiEntropyEntries { .. } => "AntiEntropyEntries",
     }
 }
 

@@ -260,6 +260,10 @@ impl LocalStore for StoreReader {
     fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StoreError> {
         Ok(self.0.get(partition, key)?)
     }
+
+    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
+        Ok(self.0.scan_partition(partition, None, usize::MAX)?)
+    }
 }
 
 /// Length of the partition prefix of a stored key.

@@ -37,6 +37,20 @@ impl LocalStore for DiskHandle {
             .or_else(|| disk.durable.get(&slot))
             .cloned())
     }
+
+    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
+        let disk = self.0.lock().unwrap();
+        if disk.fail_reads {
+            return Err(StoreError("injected read failure".into()));
+        }
+        let mut all: BTreeMap<Vec<u8>, DvvSet> = BTreeMap::new();
+        for ((p, key), set) in disk.durable.iter().chain(disk.volatile.iter()) {
+            if *p == partition {
+                all.insert(key.clone(), set.clone());
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
 }
 
 pub struct SimNode {
@@ -70,6 +84,15 @@ pub struct Cluster {
 /// See [`Cluster::tamper`].
 pub type Tamper = Box<dyn FnMut(&NodeId, &NodeId, &mut PeerMessage)>;
 
+/// The defaults with Q = 64 and anti-entropy off: its timer never stops, so
+/// `settle` would not return (the anti-entropy tests turn it on themselves).
+pub fn quiet_config() -> Config {
+    let mut config = Config::new("n1");
+    config.q = 64;
+    config.anti_entropy_interval_ms = 0;
+    config
+}
+
 pub fn ids(names: &[&str]) -> Vec<NodeId> {
     names.iter().map(|n| NodeId::from(*n)).collect()
 }
@@ -77,11 +100,10 @@ pub fn ids(names: &[&str]) -> Vec<NodeId> {
 impl Cluster {
     /// `size` nodes named n1..n<size> with the given N/R/W and Q = 64.
     pub fn new(size: usize, n: u8, r: u8, w: u8) -> Cluster {
-        let mut config = Config::new("n1");
+        let mut config = quiet_config();
         config.n = n;
         config.r = r;
         config.w = w;
-        config.q = 64;
         config.request_timeout_ms = 1_000;
         Self::with_config(size, config)
     }
@@ -239,6 +261,36 @@ impl Cluster {
         }
         self.run_until_quiet();
         true
+    }
+
+    /// Every node considers every other reachable (as the shell reports once
+    /// connections are up); anti-entropy exchanges only with such peers.
+    pub fn all_reachable(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for sim in self.nodes.values_mut() {
+            for id in &ids {
+                if id != sim.node.id() {
+                    sim.node.set_reachable(id, true);
+                }
+            }
+        }
+    }
+
+    /// Fires every timer (anti-entropy's included) until the clock reaches
+    /// `now + ms`.
+    pub fn run_for(&mut self, ms: Millis) {
+        let until = self.now + ms;
+        self.run_until_quiet();
+        while self
+            .nodes
+            .values()
+            .filter_map(|s| s.node.poll_timeout())
+            .min()
+            .is_some_and(|at| at <= until)
+        {
+            self.advance_to_next_timer();
+        }
+        self.now = until;
     }
 
     /// Lets every pending timer fire (request deadlines pass, late repairs run).

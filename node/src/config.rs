@@ -470,6 +470,7 @@ impl ServerConfig {
         c.max_value_bytes = self.max_value_bytes;
         c.max_clock_drift_ms = self.max_clock_drift_ms;
         c.anti_entropy_interval_ms = self.anti_entropy_interval_ms;
+        c.max_peer_message_bytes = self.max_frame_bytes();
         c
     }
 }

@@ -18,11 +18,19 @@
 //! 3. X merges them (a merge persists only what changes), then sends back its
 //!    own entries in those segments, which now cover Y's; Y merges those.
 //!
-//! After one exchange the differing segments of both sides hold the same sets
-//! (unless a message was cut at [`MAX_ENTRIES_BYTES`], or writes landed
-//! meanwhile): the next exchange of the pair continues from there. Merges are
-//! the replicas' own (idempotent, commutative), so a duplicated, late or lost
-//! message does no harm, and no exchange needs state between its messages.
+//! Entries travel a whole segment at a time, as many segments as fit in
+//! [`MAX_ENTRIES_BYTES`] (or half the peer frame limit, if smaller), so a
+//! segment shipped is healed on both sides and stops differing; which
+//! differing segments a node answers with rotates, so a partition that
+//! differs in more than one message's worth (a replica that lost its disk)
+//! heals over successive exchanges instead of shipping its first segments
+//! again and again. Merges are the replicas' own (idempotent, commutative),
+//! so a duplicated, late or lost message does no harm, and no exchange needs
+//! state between its messages.
+//!
+//! Shipping a segment means scanning its partition, which also gives the
+//! segment's true hashes: a tree found to disagree with them is corrected
+//! there, so a tree cannot stay wrong past the next exchange of its segment.
 //!
 //! Nothing here reads a clock or draws randomness: the node passes `now`, and
 //! the pairs are taken in a fixed round-robin order.
@@ -163,23 +171,68 @@ impl HashTrees {
         self.trees.get(&partition).map(|s| &**s)
     }
 
-    /// Forgets the tree of `partition` (its store could not be read: the next
-    /// exchange rebuilds it).
-    pub fn forget(&mut self, partition: u32) {
-        self.trees.remove(&partition);
+    /// Sets segments of `partition`'s tree (if built) to the hashes a scan
+    /// of them gave, which are the truth; returns how many were wrong.
+    pub fn correct(&mut self, partition: u32, scanned: &[(u8, u64)]) -> usize {
+        let Some(segments) = self.trees.get_mut(&partition) else {
+            return 0;
+        };
+        let mut wrong = 0;
+        for &(segment, hash) in scanned {
+            let slot = &mut segments[usize::from(segment)];
+            if *slot != hash {
+                *slot = hash;
+                wrong += 1;
+            }
+        }
+        wrong
     }
 }
 
 /// The segments whose hashes differ between `ours` and `theirs`, the first
 /// [`MAX_DIFF_SEGMENTS`] of them. `theirs` must hold [`SEGMENTS`] hashes.
-pub fn differing(ours: &Segments, theirs: &[u64]) -> Vec<u8> {
-    ours.iter()
-        .zip(theirs)
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, _)| i as u8)
+/// The segments whose hashes differ between `ours` and `theirs`, at most
+/// [`MAX_DIFF_SEGMENTS`] of them, the first at or after segment `from` and on
+/// round the tree. `theirs` must hold [`SEGMENTS`] hashes.
+pub fn differing(ours: &Segments, theirs: &[u64], from: usize) -> Vec<u8> {
+    (0..SEGMENTS)
+        .map(|i| (from + i) % SEGMENTS)
+        .filter(|&i| ours[i] != theirs[i])
+        .map(|i| i as u8)
         .take(MAX_DIFF_SEGMENTS)
         .collect()
+}
+
+/// Groups `entries` by segment and keeps whole segments, in the order of
+/// `segments`, while their estimated size fits in `budget` (the first always
+/// goes, however large). Returns the segments kept and their entries.
+pub fn whole_segments(
+    segments: &[u8],
+    entries: BTreeMap<Vec<u8>, DvvSet>,
+    budget: usize,
+) -> (Vec<u8>, Vec<(Vec<u8>, DvvSet)>) {
+    let mut by_segment: BTreeMap<u8, Vec<(Vec<u8>, DvvSet)>> = BTreeMap::new();
+    for (key, set) in entries {
+        by_segment
+            .entry(segment_of(&key) as u8)
+            .or_default()
+            .push((key, set));
+    }
+    let (mut kept, mut shipped, mut used) = (Vec::new(), Vec::new(), 0usize);
+    for &segment in segments {
+        let group = by_segment.remove(&segment).unwrap_or_default();
+        let size: usize = group
+            .iter()
+            .map(|(key, set)| key.len() + set.estimated_bytes())
+            .sum();
+        if !kept.is_empty() && used.saturating_add(size) > budget {
+            break;
+        }
+        used = used.saturating_add(size);
+        kept.push(segment);
+        shipped.extend(group);
+    }
+    (kept, shipped)
 }
 
 /// The round robin of exchanges a node starts: pair number `cursor` is
@@ -191,6 +244,9 @@ pub struct Schedule {
     /// When the next exchange starts (`None`: anti-entropy is off).
     pub next_at: Option<u64>,
     pub cursor: u64,
+    /// Where this node's next answer starts looking for differing segments
+    /// (see [`differing`]); it moves past the segments each answer ships.
+    pub answer_from: usize,
 }
 
 impl Schedule {
@@ -200,6 +256,7 @@ impl Schedule {
             interval_ms,
             next_at: (interval_ms > 0).then(|| now + interval_ms),
             cursor: 0,
+            answer_from: 0,
         }
     }
 
@@ -228,6 +285,8 @@ pub struct Stats {
     /// Exchanges that could not run because this node could not read its
     /// store for the partition.
     pub read_failures: u64,
+    /// Tree segments a scan found wrong and corrected (a bug if ever non-zero).
+    pub segments_corrected: u64,
 }
 
 #[cfg(test)]
@@ -286,6 +345,63 @@ mod tests {
     }
 
     #[test]
+    fn whole_segments_go_while_they_fit_and_the_first_always_goes() {
+        let keys: Vec<Vec<u8>> = (0..200).map(|i| format!("k{i}").into_bytes()).collect();
+        let seg = |k: &[u8]| segment_of(k) as u8;
+        let (a, b) = (
+            seg(&keys[0]),
+            (0..200)
+                .map(|i| seg(&keys[i]))
+                .find(|&s| s != seg(&keys[0]))
+                .unwrap(),
+        );
+        let entries: BTreeMap<Vec<u8>, DvvSet> =
+            keys.iter().map(|k| (k.clone(), set(1, "v"))).collect();
+        let size_of = |s: u8| -> usize {
+            entries
+                .iter()
+                .filter(|(k, _)| seg(k) == s)
+                .map(|(k, set)| k.len() + set.estimated_bytes())
+                .sum()
+        };
+        // Room for both: both go, whole.
+        let (kept, shipped) = whole_segments(&[b, a], entries.clone(), usize::MAX);
+        assert_eq!(kept, vec![b, a]);
+        assert!(shipped.iter().all(|(k, _)| seg(k) == a || seg(k) == b));
+        assert_eq!(
+            shipped.len(),
+            entries
+                .keys()
+                .filter(|k| seg(k) == a || seg(k) == b)
+                .count()
+        );
+        // Room for the first only: the second waits, not half of it.
+        let (kept, shipped) = whole_segments(&[b, a], entries.clone(), size_of(b) + size_of(a) - 1);
+        assert_eq!(kept, vec![b]);
+        assert!(shipped.iter().all(|(k, _)| seg(k) == b));
+        // No room at all: the first still goes whole.
+        let (kept, shipped) = whole_segments(&[a], entries.clone(), 0);
+        assert_eq!(kept, vec![a]);
+        assert_eq!(
+            shipped.len(),
+            entries.keys().filter(|k| seg(k) == a).count()
+        );
+    }
+
+    #[test]
+    fn a_scan_corrects_a_wrong_segment() {
+        let mut trees = HashTrees::default();
+        trees.build(2, [(&b"k1"[..], &set(1, "a"))]);
+        let truth = trees.segments(2).unwrap()[segment_of(b"k1")];
+        trees.update(2, b"k1", 0, 99);
+        let s = segment_of(b"k1") as u8;
+        assert_eq!(trees.correct(2, &[(s, truth)]), 1);
+        assert_eq!(trees.segments(2).unwrap()[usize::from(s)], truth);
+        assert_eq!(trees.correct(2, &[(s, truth)]), 0);
+        assert_eq!(trees.correct(7, &[(s, truth)]), 0);
+    }
+
+    #[test]
     fn updates_to_an_unbuilt_partition_are_ignored() {
         let mut trees = HashTrees::default();
         trees.update(1, b"k", 0, 42);
@@ -297,13 +413,16 @@ mod tests {
     fn differing_names_the_first_segments_that_differ_up_to_the_cap() {
         let ours = [0u64; SEGMENTS];
         let mut theirs = [0u64; SEGMENTS];
-        assert!(differing(&ours, &theirs).is_empty());
+        assert!(differing(&ours, &theirs, 0).is_empty());
         theirs[5] = 1;
         theirs[63] = 9;
-        assert_eq!(differing(&ours, &theirs), vec![5, 63]);
+        assert_eq!(differing(&ours, &theirs, 0), vec![5, 63]);
+        assert_eq!(differing(&ours, &theirs, 6), vec![63, 5]);
         let all = [1u64; SEGMENTS];
         let first: Vec<u8> = (0..MAX_DIFF_SEGMENTS as u8).collect();
-        assert_eq!(differing(&ours, &all), first);
+        assert_eq!(differing(&ours, &all, 0), first);
+        let wrapped: Vec<u8> = (60..64).chain(0..12).collect();
+        assert_eq!(differing(&ours, &all, 60), wrapped);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct Config {
     /// Time between two anti-entropy exchanges this node starts (0: none;
     /// see [`anti_entropy`]).
     pub anti_entropy_interval_ms: Millis,
+    /// The largest peer message payload the peers accept (the frame limit):
+    /// anti-entropy keeps each message of entries to half of it.
+    pub max_peer_message_bytes: usize,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             max_value_bytes: 1 << 20,
             max_clock_drift_ms: version::DEFAULT_MAX_CLOCK_DRIFT_MS,
             anti_entropy_interval_ms: anti_entropy::DEFAULT_INTERVAL_MS,
+            max_peer_message_bytes: dynamo_proto::frame::DEFAULT_MAX_PAYLOAD,
         }
     }
 }
@@ -1226,47 +1230,70 @@ impl Node {
             tracing::warn!(peer = %from, partition, "anti-entropy segments refused: not a replica pair, or malformed");
             return;
         }
+        let from_segment = self.exchanges.answer_from;
         let Some(ours) = self.tree_of(partition) else {
             return;
         };
-        let differing = anti_entropy::differing(ours, theirs);
+        let differing = anti_entropy::differing(ours, theirs, from_segment);
         if differing.is_empty() {
             return;
         }
         self.anti_entropy.segments_differing += differing.len() as u64;
-        self.send_entries(from, partition, differing, true);
+        if let Some(&last) = self.send_entries(from, partition, &differing, true).last() {
+            self.exchanges.answer_from = (usize::from(last) + 1) % anti_entropy::SEGMENTS;
+        }
     }
 
-    /// Sends this node's entries of `partition` in `segments` to `to`, up to
-    /// [`anti_entropy::MAX_ENTRIES_BYTES`].
-    fn send_entries(&mut self, to: &NodeId, partition: u32, segments: Vec<u8>, reply: bool) {
-        let entries = match self.stored_entries(partition, Some(&segments)) {
+    /// Sends this node's entries of `partition` in `segments` to `to`, whole
+    /// segments while they fit in the message budget; returns the segments
+    /// sent. The scan also gives those segments' true hashes, which correct
+    /// this node's tree should it disagree.
+    fn send_entries(
+        &mut self,
+        to: &NodeId,
+        partition: u32,
+        segments: &[u8],
+        reply: bool,
+    ) -> Vec<u8> {
+        let entries = match self.stored_entries(partition, Some(segments)) {
             Ok(entries) => entries,
             Err(e) => {
                 self.anti_entropy.read_failures += 1;
                 tracing::warn!(partition, error = %e, "anti-entropy cannot read the partition");
-                return;
+                return Vec::new();
             }
         };
-        let mut budget = anti_entropy::MAX_ENTRIES_BYTES;
-        let mut shipped = Vec::new();
-        for (key, set) in entries {
-            let size = key.len() + set.estimated_bytes();
-            if size > budget && !shipped.is_empty() {
-                break;
+        let mut scanned: BTreeMap<u8, u64> = segments.iter().map(|&s| (s, 0)).collect();
+        for (key, set) in &entries {
+            if let Some(hash) = scanned.get_mut(&(anti_entropy::segment_of(key) as u8)) {
+                *hash ^= anti_entropy::entry_hash(key, set);
             }
-            budget = budget.saturating_sub(size);
-            shipped.push(AntiEntropyEntry { key, set });
         }
+        let scanned: Vec<(u8, u64)> = scanned.into_iter().collect();
+        let wrong = self.trees.correct(partition, &scanned);
+        if wrong > 0 {
+            self.anti_entropy.segments_corrected += wrong as u64;
+            tracing::error!(
+                partition,
+                wrong,
+                "anti-entropy found its hash tree wrong and corrected it"
+            );
+        }
+        let budget = anti_entropy::MAX_ENTRIES_BYTES.min(self.config.max_peer_message_bytes / 2);
+        let (sent, entries) = anti_entropy::whole_segments(segments, entries, budget);
         self.send(
             to,
             PeerMessage::AntiEntropyEntries {
                 partition,
-                segments,
-                entries: shipped,
+                segments: sent.clone(),
+                entries: entries
+                    .into_iter()
+                    .map(|(key, set)| AntiEntropyEntry { key, set })
+                    .collect(),
                 reply,
             },
         );
+        sent
     }
 
     /// A peer's entries of the segments that differ: merges each (a merge
@@ -1284,6 +1311,7 @@ impl Node {
         let well_formed = segments
             .iter()
             .all(|&s| usize::from(s) < anti_entropy::SEGMENTS)
+            && !segments.is_empty()
             && segments.len() <= anti_entropy::MAX_DIFF_SEGMENTS;
         if !well_formed || !self.exchange_allowed(from, partition) {
             tracing::warn!(peer = %from, partition, "anti-entropy entries refused: not a replica pair, or malformed");
@@ -1312,7 +1340,7 @@ impl Node {
         }
         if reply {
             self.anti_entropy.segments_differing += segments.len() as u64;
-            self.send_entries(from, partition, segments.to_vec(), false);
+            self.send_entries(from, partition, segments, false);
         }
     }
 

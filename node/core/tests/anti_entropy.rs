@@ -9,17 +9,25 @@ use dynamo_core::Config;
 use dynamo_proto::{AntiEntropyEntry, DvvSet, NodeId, PeerMessage};
 use util::*;
 
-/// `size` nodes, N = 3, R = W = 2, 8 partitions (so a sweep of every
-/// partition and replica pair takes a few dozen exchanges), an exchange
-/// every 10 ms, every node reachable.
-fn cluster(size: usize) -> Cluster {
-    let mut config = Config::new("n1");
+/// N = 3, R = W = 2, 8 partitions (so a sweep of every partition and
+/// replica pair takes a few dozen exchanges), an exchange every 10 ms.
+fn config() -> Config {
+    let mut config = quiet_config();
     config.q = 8;
     config.request_timeout_ms = 1_000;
     config.anti_entropy_interval_ms = 10;
+    config
+}
+
+/// `size` nodes with `config`, every node reachable.
+fn cluster_with(size: usize, config: Config) -> Cluster {
     let mut c = Cluster::with_config(size, config);
     c.all_reachable();
     c
+}
+
+fn cluster(size: usize) -> Cluster {
+    cluster_with(size, config())
 }
 
 fn keys(count: usize) -> Vec<Vec<u8>> {
@@ -28,6 +36,23 @@ fn keys(count: usize) -> Vec<Vec<u8>> {
 
 fn delivered(c: &Cluster, kind: &str) -> usize {
     c.delivered.iter().filter(|m| m.contains(kind)).count()
+}
+
+/// Every node's trees matched the scans that shipped their segments (a tree
+/// a write failed to update is corrected there, and counted).
+fn assert_trees_were_right(c: &Cluster) {
+    for id in ["n1", "n2", "n3"] {
+        let stats = c.node(id).anti_entropy_stats();
+        assert_eq!(stats.segments_corrected, 0, "{id}: {stats:?}");
+    }
+}
+
+/// Runs for a second and checks that no exchange shipped entries in it.
+fn assert_quiet(c: &mut Cluster) {
+    c.delivered.clear();
+    c.run_for(1_000);
+    assert!(delivered(c, "AntiEntropySegments") > 10);
+    assert_eq!(delivered(c, "AntiEntropyEntries"), 0, "{:?}", c.delivered);
 }
 
 #[test]
@@ -53,10 +78,8 @@ fn a_replica_that_missed_writes_is_healed_without_any_read_and_exchanges_then_go
     assert!(stats.exchanges > 0, "{stats:?}");
     assert_eq!(c.node("n1").anti_entropy_stats().keys_repaired, 0);
     // In sync, an exchange is its segment hashes and nothing more.
-    c.delivered.clear();
-    c.run_for(1_000);
-    assert!(delivered(&c, "AntiEntropySegments") > 10);
-    assert_eq!(delivered(&c, "AntiEntropyEntries"), 0, "{:?}", c.delivered);
+    assert_quiet(&mut c);
+    assert_trees_were_right(&c);
 }
 
 #[test]
@@ -77,6 +100,32 @@ fn writes_after_a_tree_is_built_keep_it_current() {
         assert_eq!(c.durable("n2", &key), c.durable("n1", &key), "{key:?}");
     }
     assert_eq!(c.node("n2").anti_entropy_stats().keys_repaired, 20);
+    // Had the coordinator's or a replica's write left its tree behind, the
+    // scans that shipped the segments would have corrected (and counted) it.
+    assert_trees_were_right(&c);
+    assert_quiet(&mut c);
+}
+
+#[test]
+fn a_replica_missing_more_than_one_message_holds_heals_over_successive_exchanges() {
+    let mut config = config();
+    // Entries messages of at most 300 estimated bytes: about three entries,
+    // where the 16 segments one answer may take hold about nine.
+    config.max_peer_message_bytes = 600;
+    let mut c = cluster_with(3, config);
+    c.isolate("n3");
+    let keys = keys(300);
+    for key in &keys {
+        expect_put(c.put("n1", key, b"a value of some thirty bytes..", None));
+    }
+    c.heal();
+    c.run_for(5_000);
+    for key in &keys {
+        assert_eq!(c.durable("n3", key), c.durable("n1", key), "{key:?}");
+    }
+    assert_eq!(c.node("n3").anti_entropy_stats().keys_repaired, 300);
+    assert_trees_were_right(&c);
+    assert_quiet(&mut c);
 }
 
 #[test]
@@ -152,8 +201,17 @@ fn anti_entropy_messages_from_outside_the_replica_set_or_out_of_shape_are_refuse
         target,
         entries_msg(partition, vec![other], &key, set.clone()),
     );
-    // A key of another partition than the one named.
-    let elsewhere = (partition + 1) % 64;
+    // A key of another partition than the one named (of which both are
+    // replicas, so only the key's partition refuses it).
+    let ring = c.node("n1").membership().ring().clone();
+    let elsewhere = (0..64)
+        .find(|&p| {
+            let owners = ring.primaries(p, 3);
+            p != partition
+                && owners.contains(&NodeId::from(writer))
+                && owners.contains(&NodeId::from(target))
+        })
+        .unwrap();
     deliver(
         &mut c,
         writer,
@@ -174,11 +232,20 @@ fn anti_entropy_messages_from_outside_the_replica_set_or_out_of_shape_are_refuse
         target,
         entries_msg(partition, vec![200], &key, set.clone()),
     );
+    // No segment at all.
+    deliver(
+        &mut c,
+        writer,
+        target,
+        entries_msg(partition, vec![], &key, set.clone()),
+    );
+    // Hashes of the wrong length, to a replica that holds the key (so that,
+    // read as a tree, they would differ from its own).
     let short = PeerMessage::AntiEntropySegments {
         partition,
-        segments: vec![0; 3],
+        segments: vec![1; 3],
     };
-    deliver(&mut c, writer, target, short);
+    deliver(&mut c, target, writer, short);
     // A set whose context does not cover its sibling.
     let mut malformed = set.clone();
     malformed.context = Default::default();

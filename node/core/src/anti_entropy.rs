@@ -37,7 +37,7 @@
 
 use std::collections::BTreeMap;
 
-use dynamo_proto::{Dot, DvvSet};
+use dynamo_proto::{Dot, DvvSet, NodeId};
 
 use crate::ring::Ring;
 
@@ -247,6 +247,13 @@ pub struct Schedule {
     /// Where this node's next answer starts looking for differing segments
     /// (see [`differing`]); it moves past the segments each answer ships.
     pub answer_from: usize,
+    /// The exchanges this node started and has not had answered, by peer
+    /// and partition, with when they started.
+    pub started: BTreeMap<(NodeId, u32), u64>,
+    /// When this node last answered each peer's segment hashes: it answers a
+    /// peer at most once per half interval, so a replica cannot make it scan
+    /// partitions faster than its own schedule would.
+    pub answered: BTreeMap<NodeId, u64>,
 }
 
 impl Schedule {
@@ -257,6 +264,42 @@ impl Schedule {
             next_at: (interval_ms > 0).then(|| now + interval_ms),
             cursor: 0,
             answer_from: 0,
+            started: BTreeMap::new(),
+            answered: BTreeMap::new(),
+        }
+    }
+
+    /// Whether anti-entropy runs on this node at all.
+    pub fn is_on(&self) -> bool {
+        self.interval_ms > 0
+    }
+
+    /// Notes an exchange started with `peer` on `partition` at `now`, and
+    /// forgets those whose answers are overdue.
+    pub fn note_started(&mut self, peer: &NodeId, partition: u32, now: u64) {
+        self.started
+            .retain(|_, at| now.saturating_sub(*at) <= EXCHANGE_TIMEOUT_MS);
+        self.started.insert((peer.clone(), partition), now);
+    }
+
+    /// Whether an answer from `peer` on `partition` answers an exchange this
+    /// node started (in time); the exchange is then done.
+    pub fn take_started(&mut self, peer: &NodeId, partition: u32, now: u64) -> bool {
+        self.started
+            .remove(&(peer.clone(), partition))
+            .is_some_and(|at| now.saturating_sub(at) <= EXCHANGE_TIMEOUT_MS)
+    }
+
+    /// Whether to answer `peer`'s segment hashes at `now` (at most once per
+    /// half interval); if so, the answer is noted.
+    pub fn may_answer(&mut self, peer: &NodeId, now: u64) -> bool {
+        let gap = self.interval_ms / 2;
+        match self.answered.get(peer) {
+            Some(&last) if now.saturating_sub(last) < gap => false,
+            _ => {
+                self.answered.insert(peer.clone(), now);
+                true
+            }
         }
     }
 
@@ -272,6 +315,12 @@ impl Schedule {
         }
     }
 }
+
+/// How long an exchange this node started waits for its answer: an answer
+/// later than this, or one for an exchange it never started, is merged but
+/// not answered (answering costs a partition scan, which a peer must not be
+/// able to ask for at will).
+pub const EXCHANGE_TIMEOUT_MS: u64 = 10_000;
 
 /// What anti-entropy has done on this node, for the shell's metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -399,6 +448,26 @@ mod tests {
         assert_eq!(trees.segments(2).unwrap()[usize::from(s)], truth);
         assert_eq!(trees.correct(2, &[(s, truth)]), 0);
         assert_eq!(trees.correct(7, &[(s, truth)]), 0);
+    }
+
+    #[test]
+    fn answers_are_taken_only_for_exchanges_started_in_time_and_given_once_per_half_interval() {
+        let mut s = Schedule::new(100, 0);
+        let (a, b) = (NodeId::from("a"), NodeId::from("b"));
+        s.note_started(&a, 3, 1_000);
+        assert!(!s.take_started(&b, 3, 1_001));
+        assert!(!s.take_started(&a, 4, 1_001));
+        assert!(s.take_started(&a, 3, 1_001));
+        assert!(!s.take_started(&a, 3, 1_002), "answered once");
+        s.note_started(&a, 5, 2_000);
+        assert!(!s.take_started(&a, 5, 2_000 + EXCHANGE_TIMEOUT_MS + 1));
+        s.note_started(&a, 6, 3_000);
+        s.note_started(&b, 6, 3_000 + EXCHANGE_TIMEOUT_MS + 1);
+        assert_eq!(s.started.len(), 1, "the overdue one is forgotten");
+        assert!(s.may_answer(&a, 5_000));
+        assert!(!s.may_answer(&a, 5_049));
+        assert!(s.may_answer(&b, 5_049));
+        assert!(s.may_answer(&a, 5_050));
     }
 
     #[test]

@@ -424,7 +424,7 @@ impl Node {
             }
         }
         if self.exchanges.due(now) {
-            self.start_exchange();
+            self.start_exchange(now);
         }
     }
 
@@ -493,7 +493,7 @@ impl Node {
             PeerMessage::AntiEntropySegments {
                 partition,
                 segments,
-            } => self.on_exchange_segments(from, partition, &segments),
+            } => self.on_exchange_segments(now, from, partition, &segments),
             PeerMessage::AntiEntropyEntries {
                 partition,
                 segments,
@@ -1131,7 +1131,7 @@ impl Node {
 
     /// Starts the next exchange of the round robin with a reachable peer:
     /// sends it this node's segment hashes of the partition.
-    fn start_exchange(&mut self) {
+    fn start_exchange(&mut self, now: Millis) {
         let pairs: Vec<(u32, NodeId)> = self
             .replica_peers()
             .into_iter()
@@ -1151,6 +1151,7 @@ impl Node {
                 return;
             };
             self.anti_entropy.exchanges += 1;
+            self.exchanges.note_started(&peer, partition, now);
             self.send(
                 &peer,
                 PeerMessage::AntiEntropySegments {
@@ -1196,10 +1197,9 @@ impl Node {
         };
         let mut entries: BTreeMap<Vec<u8>, DvvSet> = self
             .store
-            .scan(partition)
+            .scan(partition, &wanted)
             .map_err(|e| e.to_string())?
             .into_iter()
-            .filter(|(key, _)| wanted(key))
             .collect();
         if let Some(unsynced) = self.unsynced.get(&partition) {
             for (key, (set, _)) in unsynced {
@@ -1212,9 +1212,13 @@ impl Node {
         Ok(entries)
     }
 
-    /// Whether `from` and this node are both primaries of `partition` (an
-    /// exchange with anyone else is refused: a peer's ring may disagree).
+    /// Whether this node takes part in anti-entropy and `from` and it are
+    /// both primaries of `partition` (an exchange with anyone else is
+    /// refused: a peer's ring may disagree).
     fn exchange_allowed(&self, from: &NodeId, partition: u32) -> bool {
+        if !self.exchanges.is_on() {
+            return false;
+        }
         let ring = self.membership.ring();
         if partition >= ring.partition_count() {
             return false;
@@ -1225,9 +1229,13 @@ impl Node {
 
     /// A peer's segment hashes: answers with this node's entries in the
     /// segments that differ, asking for the peer's in return.
-    fn on_exchange_segments(&mut self, from: &NodeId, partition: u32, theirs: &[u64]) {
+    fn on_exchange_segments(&mut self, now: Millis, from: &NodeId, partition: u32, theirs: &[u64]) {
         if theirs.len() != anti_entropy::SEGMENTS || !self.exchange_allowed(from, partition) {
             tracing::warn!(peer = %from, partition, "anti-entropy segments refused: not a replica pair, or malformed");
+            return;
+        }
+        if !self.exchanges.may_answer(from, now) {
+            tracing::debug!(peer = %from, partition, "anti-entropy segments ignored: the peer asks faster than half an interval");
             return;
         }
         let from_segment = self.exchanges.answer_from;
@@ -1317,6 +1325,8 @@ impl Node {
             tracing::warn!(peer = %from, partition, "anti-entropy entries refused: not a replica pair, or malformed");
             return;
         }
+        // Only an answer to an exchange this node started earns entries back.
+        let reply = reply && self.exchanges.take_started(from, partition, now);
         for AntiEntropyEntry { key, set } in entries {
             let in_place = self.check_key(&key).is_ok()
                 && self.membership.ring().partition_for_key(&key) == partition

@@ -17,9 +17,14 @@ pub struct StoreError(pub String);
 pub trait LocalStore {
     fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, StoreError>;
 
-    /// Every key the store holds in `partition`, with its set, in key order
-    /// (anti-entropy builds its hash trees and ships segments from it). Like
-    /// `load`, it need not see writes not yet applied: the node overlays its
-    /// own unpersisted writes.
-    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError>;
+    /// Every key the store holds in `partition` that `keep` accepts, with its
+    /// set, in key order (anti-entropy builds its hash trees and ships
+    /// segments from it); refused keys should not be decoded. Like `load`, it
+    /// need not see writes not yet applied: the node overlays its own
+    /// unpersisted writes.
+    fn scan(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError>;
 }

@@ -170,8 +170,11 @@ fn entries_msg(partition: u32, segments: Vec<u8>, key: &[u8], set: DvvSet) -> Pe
 
 #[test]
 fn anti_entropy_messages_from_outside_the_replica_set_or_out_of_shape_are_refused() {
-    // Anti-entropy off: only the messages below move anything.
-    let mut c = Cluster::new(4, 3, 2, 2);
+    // Anti-entropy on, but no exchange of its own within the test: only the
+    // messages below move anything.
+    let mut config = quiet_config();
+    config.anti_entropy_interval_ms = 3_600_000;
+    let mut c = Cluster::with_config(4, config);
     let key = (0..1000)
         .map(|i| format!("hostile-{i}").into_bytes())
         .find(|k| !c.primaries(k).contains(&NodeId::from("n4")))
@@ -180,7 +183,7 @@ fn anti_entropy_messages_from_outside_the_replica_set_or_out_of_shape_are_refuse
     let (writer, target) = (primaries[0].as_str(), primaries[2].as_str());
     c.isolate(target);
     expect_put(c.put(writer, &key, b"v", None));
-    c.settle();
+    c.run_for(2_000);
     c.heal();
     let set = c.durable(writer, &key).unwrap();
     let partition = c.node("n1").membership().ring().partition_for_key(&key);
@@ -255,21 +258,49 @@ fn anti_entropy_messages_from_outside_the_replica_set_or_out_of_shape_are_refuse
         target,
         entries_msg(partition, vec![segment], &key, malformed),
     );
-    c.settle();
+    c.run_for(2_000);
     assert_eq!(c.durable(target, &key), None);
     assert!(c
         .delivered
         .iter()
         .all(|m| !m.contains("AntiEntropyEntries")));
 
-    // The same entry from a replica, as sent: stored.
-    deliver(
-        &mut c,
-        writer,
-        target,
-        entries_msg(partition, vec![segment], &key, set.clone()),
-    );
-    c.settle();
+    // The same entry from a replica, as sent, asking for an answer to an
+    // exchange the target never started: stored, and not answered (an answer
+    // costs a partition scan, which no peer may ask for at will).
+    let mut asking = entries_msg(partition, vec![segment], &key, set.clone());
+    if let PeerMessage::AntiEntropyEntries { reply, .. } = &mut asking {
+        *reply = true;
+    }
+    deliver(&mut c, writer, target, asking);
+    c.run_for(2_000);
     assert_eq!(c.durable(target, &key), Some(set));
     assert_eq!(c.node(target).anti_entropy_stats().keys_repaired, 1);
+    assert!(c
+        .delivered
+        .iter()
+        .all(|m| !m.contains("AntiEntropyEntries")));
+}
+
+#[test]
+fn a_node_with_anti_entropy_off_takes_no_part() {
+    let mut config = config();
+    config.anti_entropy_interval_ms = 0;
+    let mut c = cluster_with(3, config);
+    let key = b"off".to_vec();
+    c.isolate("n3");
+    expect_put(c.put("n1", &key, b"v", None));
+    c.heal();
+    let set = c.durable("n1", &key).unwrap();
+    let partition = c.node("n1").membership().ring().partition_for_key(&key);
+    let segment = segment_of(&key) as u8;
+    deliver(
+        &mut c,
+        "n1",
+        "n3",
+        entries_msg(partition, vec![segment], &key, set),
+    );
+    c.settle();
+    assert_eq!(c.durable("n3", &key), None);
+    assert!(c.delivered.iter().all(|m| !m.contains("AntiEntropy")));
 }

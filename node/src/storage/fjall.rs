@@ -169,6 +169,24 @@ impl Storage for FjallStorage {
         Ok(out)
     }
 
+    fn scan_partition_where(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        let mut out = Vec::new();
+        for guard in self.data.range(partition_range(partition, None)) {
+            let (stored, bytes) = guard
+                .into_inner()
+                .map_err(|e| StorageError::io("scan", e))?;
+            let (_, key) = split_storage_key(&stored)?;
+            if keep(key) {
+                out.push((key.to_vec(), decode_set(partition, key, &bytes)?));
+            }
+        }
+        Ok(out)
+    }
+
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         let value = self
             .meta

@@ -230,6 +230,23 @@ impl Storage for MemoryStorage {
             .collect()
     }
 
+    fn scan_partition_where(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        let inner = self.lock();
+        inner.check_readable()?;
+        let mut out = Vec::new();
+        for (stored, bytes) in inner.visible.range(partition_range(partition, None)) {
+            let (_, key) = split_storage_key(stored)?;
+            if keep(key) {
+                out.push((key.to_vec(), decode_set(partition, key, bytes)?));
+            }
+        }
+        Ok(out)
+    }
+
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.lock().meta.get(name).cloned())
     }

@@ -71,6 +71,19 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError>;
 
+    /// Every key of one partition that `keep` accepts, in key order, with
+    /// its set; keys it refuses are not decoded (anti-entropy wants a few
+    /// segments of a partition). The default decodes everything and filters.
+    fn scan_partition_where(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        let mut all = self.scan_partition(partition, None, usize::MAX)?;
+        all.retain(|(key, _)| keep(key));
+        Ok(all)
+    }
+
     /// Small node metadata (format version, cluster id, incarnation, epoch).
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
@@ -139,6 +152,14 @@ impl<L: StorageLayer> Storage for L {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
         self.inner().scan_partition(partition, start_after, limit)
+    }
+
+    fn scan_partition_where(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StorageError> {
+        self.inner().scan_partition_where(partition, keep)
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -261,8 +282,12 @@ impl LocalStore for StoreReader {
         Ok(self.0.get(partition, key)?)
     }
 
-    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
-        Ok(self.0.scan_partition(partition, None, usize::MAX)?)
+    fn scan(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
+        Ok(self.0.scan_partition_where(partition, keep)?)
     }
 }
 

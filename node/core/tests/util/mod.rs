@@ -38,14 +38,18 @@ impl LocalStore for DiskHandle {
             .cloned())
     }
 
-    fn scan(&self, partition: u32) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
+    fn scan(
+        &self,
+        partition: u32,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, DvvSet)>, StoreError> {
         let disk = self.0.lock().unwrap();
         if disk.fail_reads {
             return Err(StoreError("injected read failure".into()));
         }
         let mut all: BTreeMap<Vec<u8>, DvvSet> = BTreeMap::new();
         for ((p, key), set) in disk.durable.iter().chain(disk.volatile.iter()) {
-            if *p == partition {
+            if *p == partition && keep(key) {
                 all.insert(key.clone(), set.clone());
             }
         }

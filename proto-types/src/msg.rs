@@ -241,12 +241,16 @@ pub enum PeerMessage {
         segments: Vec<u64>,
     },
     /// Anti-entropy: the sender's stored sets of the keys of `partition` that
-    /// fall in `segments`. Merge them; with `reply`, answer with your own
-    /// entries in those segments (after merging), without `reply`.
+    /// fall in `segments` (and, when `pages` > 1, in page `page` of them: a
+    /// segment too large for one message goes a page at a time). Merge them;
+    /// with `reply`, answer with your own entries of the same segments and
+    /// page (after merging), without `reply`.
     AntiEntropyEntries {
         partition: u32,
         #[serde(with = "serde_bytes")]
         segments: Vec<u8>,
+        pages: u32,
+        page: u32,
         entries: Vec<AntiEntropyEntry>,
         reply: bool,
     },

@@ -189,8 +189,6 @@ impl HashTrees {
     }
 }
 
-/// The segments whose hashes differ between `ours` and `theirs`, the first
-/// [`MAX_DIFF_SEGMENTS`] of them. `theirs` must hold [`SEGMENTS`] hashes.
 /// The segments whose hashes differ between `ours` and `theirs`, at most
 /// [`MAX_DIFF_SEGMENTS`] of them, the first at or after segment `from` and on
 /// round the tree. `theirs` must hold [`SEGMENTS`] hashes.
@@ -203,10 +201,70 @@ pub fn differing(ours: &Segments, theirs: &[u64], from: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Most pages a segment is split into (see [`shipment`]).
+pub const MAX_PAGES: u32 = 1 << 16;
+
+/// The page of a segment that `key` falls in when the segment is split into
+/// `pages` (a power of two): bits of its ring hash above the segment's.
+pub fn page_of(key: &[u8], pages: u32) -> u32 {
+    ((Ring::key_hash(key) / SEGMENTS as u64) % u64::from(pages.max(1))) as u32
+}
+
+/// What one `AntiEntropyEntries` message carries: whole segments, or one page
+/// of one segment (`pages` > 1).
+#[derive(Debug, PartialEq)]
+pub struct Shipment {
+    pub segments: Vec<u8>,
+    pub pages: u32,
+    pub page: u32,
+    pub entries: Vec<(Vec<u8>, DvvSet)>,
+}
+
+/// Picks what to ship of `entries` (every entry of `segments`): whole
+/// segments, in the order of `segments`, while their estimated size fits in
+/// `budget`; or, when the first alone does not fit, page `cursor % pages` of
+/// it, with `pages` the power of two that brings an average page to half the
+/// budget (pages vary with the keys' hashes; half leaves room).
+pub fn shipment(
+    segments: &[u8],
+    entries: BTreeMap<Vec<u8>, DvvSet>,
+    budget: usize,
+    cursor: u32,
+) -> Shipment {
+    let (kept, shipped) = whole_segments(segments, entries, budget);
+    let size: usize = shipped
+        .iter()
+        .map(|(key, set)| key.len() + set.estimated_bytes())
+        .sum();
+    if kept.len() != 1 || size <= budget {
+        return Shipment {
+            segments: kept,
+            pages: 1,
+            page: 0,
+            entries: shipped,
+        };
+    }
+    let wanted = (2 * size).div_ceil(budget.max(1));
+    let pages = u32::try_from(wanted)
+        .unwrap_or(MAX_PAGES)
+        .next_power_of_two()
+        .clamp(2, MAX_PAGES);
+    let page = cursor % pages;
+    Shipment {
+        segments: kept,
+        pages,
+        page,
+        entries: shipped
+            .into_iter()
+            .filter(|(key, _)| page_of(key, pages) == page)
+            .collect(),
+    }
+}
+
 /// Groups `entries` by segment and keeps whole segments, in the order of
 /// `segments`, while their estimated size fits in `budget` (the first always
 /// goes, however large). Returns the segments kept and their entries.
-pub fn whole_segments(
+fn whole_segments(
     segments: &[u8],
     entries: BTreeMap<Vec<u8>, DvvSet>,
     budget: usize,
@@ -247,6 +305,9 @@ pub struct Schedule {
     /// Where this node's next answer starts looking for differing segments
     /// (see [`differing`]); it moves past the segments each answer ships.
     pub answer_from: usize,
+    /// For each segment too large for one message, the page its next
+    /// shipment takes (by partition and segment; dropped once it ships whole).
+    pub next_page: BTreeMap<(u32, u8), u32>,
     /// The exchanges this node started and has not had answered, by peer
     /// and partition, with when they started.
     pub started: BTreeMap<(NodeId, u32), u64>,
@@ -264,6 +325,7 @@ impl Schedule {
             next_at: (interval_ms > 0).then(|| now + interval_ms),
             cursor: 0,
             answer_from: 0,
+            next_page: BTreeMap::new(),
             started: BTreeMap::new(),
             answered: BTreeMap::new(),
         }
@@ -295,7 +357,8 @@ impl Schedule {
     pub fn may_answer(&mut self, peer: &NodeId, now: u64) -> bool {
         let gap = self.interval_ms / 2;
         match self.answered.get(peer) {
-            Some(&last) if now.saturating_sub(last) < gap => false,
+            // A clock that went back (`last` > `now`) does not silence a peer.
+            Some(&last) if last <= now && now - last < gap => false,
             _ => {
                 self.answered.insert(peer.clone(), now);
                 true
@@ -310,6 +373,12 @@ impl Schedule {
             Some(at) if at <= now => {
                 self.next_at = Some(now + self.interval_ms);
                 true
+            }
+            // The clock went back: the next exchange is one interval away
+            // again, not the size of the jump.
+            Some(at) if at > now + self.interval_ms => {
+                self.next_at = Some(now + self.interval_ms);
+                false
             }
             _ => false,
         }
@@ -428,13 +497,43 @@ mod tests {
         let (kept, shipped) = whole_segments(&[b, a], entries.clone(), size_of(b) + size_of(a) - 1);
         assert_eq!(kept, vec![b]);
         assert!(shipped.iter().all(|(k, _)| seg(k) == b));
-        // No room at all: the first still goes whole.
+        // No room at all: whole_segments still takes the first, and a
+        // shipment takes a page of it, each page in turn as the cursor moves.
         let (kept, shipped) = whole_segments(&[a], entries.clone(), 0);
         assert_eq!(kept, vec![a]);
         assert_eq!(
             shipped.len(),
             entries.keys().filter(|k| seg(k) == a).count()
         );
+        assert_eq!(
+            shipment(&[b, a], entries.clone(), usize::MAX, 7).pages,
+            1,
+            "what fits goes whole"
+        );
+        let budget = size_of(a) / 3;
+        let mut seen = Vec::new();
+        let first = shipment(&[a, b], entries.clone(), budget, 0);
+        assert_eq!(first.segments, vec![a]);
+        assert!(
+            first.pages >= 6 && first.pages.is_power_of_two(),
+            "{}",
+            first.pages
+        );
+        for cursor in 0..first.pages {
+            let s = shipment(&[a, b], entries.clone(), budget, cursor);
+            assert_eq!(
+                (s.segments.clone(), s.pages, s.page),
+                (vec![a], first.pages, cursor)
+            );
+            assert!(s
+                .entries
+                .iter()
+                .all(|(k, _)| seg(k) == a && page_of(k, s.pages) == cursor));
+            seen.extend(s.entries.into_iter().map(|(k, _)| k));
+        }
+        seen.sort();
+        let all_of_a: Vec<Vec<u8>> = entries.keys().filter(|k| seg(k) == a).cloned().collect();
+        assert_eq!(seen, all_of_a, "the pages cover the segment once");
     }
 
     #[test]
@@ -468,6 +567,7 @@ mod tests {
         assert!(!s.may_answer(&a, 5_049));
         assert!(s.may_answer(&b, 5_049));
         assert!(s.may_answer(&a, 5_050));
+        assert!(s.may_answer(&a, 4_000), "a clock that went back");
     }
 
     #[test]
@@ -502,6 +602,8 @@ mod tests {
         assert!(!s.due(1_150));
         assert!(s.due(1_250));
         assert_eq!(s.next_at, Some(1_350));
+        assert!(!s.due(900), "the clock went back");
+        assert_eq!(s.next_at, Some(1_000));
         let mut off = Schedule::new(0, 1_000);
         assert_eq!(off.next_at, None);
         assert!(!off.due(u64::MAX));

@@ -497,9 +497,18 @@ impl Node {
             PeerMessage::AntiEntropyEntries {
                 partition,
                 segments,
+                pages,
+                page,
                 entries,
                 reply,
-            } => self.on_exchange_entries(now, from, partition, &segments, entries, reply),
+            } => self.on_exchange_entries(
+                now,
+                from,
+                partition,
+                (&segments, pages, page),
+                entries,
+                reply,
+            ),
             PeerMessage::Forward { req, request } => {
                 let origin = Origin::Forwarded {
                     from: from.clone(),
@@ -1184,16 +1193,19 @@ impl Node {
         self.trees.segments(partition)
     }
 
-    /// What this node stores in `partition` (in the segments `only`, when
-    /// given): the store's sets with the unpersisted writes over them, in key
-    /// order, empty sets left out.
+    /// What this node stores in `partition` (in the segments `only`, and of
+    /// them page `page` of `pages`, when given): the store's sets with the
+    /// unpersisted writes over them, in key order, empty sets left out.
     fn stored_entries(
         &self,
         partition: u32,
-        only: Option<&[u8]>,
+        only: Option<(&[u8], u32, u32)>,
     ) -> Result<BTreeMap<Vec<u8>, DvvSet>, String> {
         let wanted = |key: &[u8]| {
-            only.is_none_or(|segs| segs.contains(&(anti_entropy::segment_of(key) as u8)))
+            only.is_none_or(|(segs, pages, page)| {
+                segs.contains(&(anti_entropy::segment_of(key) as u8))
+                    && (pages <= 1 || anti_entropy::page_of(key, pages) == page)
+            })
         };
         let mut entries: BTreeMap<Vec<u8>, DvvSet> = self
             .store
@@ -1230,6 +1242,10 @@ impl Node {
     /// A peer's segment hashes: answers with this node's entries in the
     /// segments that differ, asking for the peer's in return.
     fn on_exchange_segments(&mut self, now: Millis, from: &NodeId, partition: u32, theirs: &[u64]) {
+        if !self.exchanges.is_on() {
+            tracing::debug!(peer = %from, partition, "anti-entropy segments ignored: anti-entropy is off here");
+            return;
+        }
         if theirs.len() != anti_entropy::SEGMENTS || !self.exchange_allowed(from, partition) {
             tracing::warn!(peer = %from, partition, "anti-entropy segments refused: not a replica pair, or malformed");
             return;
@@ -1247,30 +1263,68 @@ impl Node {
             return;
         }
         self.anti_entropy.segments_differing += differing.len() as u64;
-        if let Some(&last) = self.send_entries(from, partition, &differing, true).last() {
+        let (sent, pages) = self.send_entries(from, partition, &differing, true, None);
+        if let Some(&last) = sent.last() {
             self.exchanges.answer_from = (usize::from(last) + 1) % anti_entropy::SEGMENTS;
+        }
+        for segment in sent {
+            if pages > 1 {
+                *self
+                    .exchanges
+                    .next_page
+                    .entry((partition, segment))
+                    .or_default() += 1;
+            } else {
+                self.exchanges.next_page.remove(&(partition, segment));
+            }
         }
     }
 
-    /// Sends this node's entries of `partition` in `segments` to `to`, whole
-    /// segments while they fit in the message budget; returns the segments
-    /// sent. The scan also gives those segments' true hashes, which correct
-    /// this node's tree should it disagree.
+    /// Sends this node's entries of `partition` in `segments` to `to`: with
+    /// `page` (pages, page), that page of them, as much as fits (the answer
+    /// to a peer's entries); without, whole segments while they fit in the message
+    /// budget, or a page of the first when it alone does not (the next page
+    /// of it next time). Returns the segments sent and into how many pages
+    /// they were cut. A scan of whole segments also gives their true hashes,
+    /// which correct this node's tree should it disagree.
     fn send_entries(
         &mut self,
         to: &NodeId,
         partition: u32,
         segments: &[u8],
         reply: bool,
-    ) -> Vec<u8> {
-        let entries = match self.stored_entries(partition, Some(segments)) {
+        page: Option<(u32, u32)>,
+    ) -> (Vec<u8>, u32) {
+        let (pages, page_no) = page.unwrap_or((1, 0));
+        let entries = match self.stored_entries(partition, Some((segments, pages, page_no))) {
             Ok(entries) => entries,
             Err(e) => {
                 self.anti_entropy.read_failures += 1;
                 tracing::warn!(partition, error = %e, "anti-entropy cannot read the partition");
-                return Vec::new();
+                return (Vec::new(), 1);
             }
         };
+        let budget = anti_entropy::MAX_ENTRIES_BYTES.min(self.config.max_peer_message_bytes / 2);
+        if page.is_some() {
+            // The answer to a peer's entries: the same segments and page, as
+            // many entries as fit (what does not is the peer's to ask for in
+            // its own exchanges, which page what is too large).
+            let mut used = 0usize;
+            let entries = entries
+                .into_iter()
+                .take_while(|(key, set)| {
+                    used = used.saturating_add(key.len() + set.estimated_bytes());
+                    used <= budget
+                })
+                .collect();
+            let shipment = anti_entropy::Shipment {
+                segments: segments.to_vec(),
+                pages,
+                page: page_no,
+                entries,
+            };
+            return self.ship(to, partition, shipment, reply);
+        }
         let mut scanned: BTreeMap<u8, u64> = segments.iter().map(|&s| (s, 0)).collect();
         for (key, set) in &entries {
             if let Some(hash) = scanned.get_mut(&(anti_entropy::segment_of(key) as u8)) {
@@ -1287,13 +1341,35 @@ impl Node {
                 "anti-entropy found its hash tree wrong and corrected it"
             );
         }
-        let budget = anti_entropy::MAX_ENTRIES_BYTES.min(self.config.max_peer_message_bytes / 2);
-        let (sent, entries) = anti_entropy::whole_segments(segments, entries, budget);
+        let cursor = segments
+            .first()
+            .and_then(|&s| self.exchanges.next_page.get(&(partition, s)))
+            .copied()
+            .unwrap_or(0);
+        let shipment = anti_entropy::shipment(segments, entries, budget, cursor);
+        self.ship(to, partition, shipment, reply)
+    }
+
+    fn ship(
+        &mut self,
+        to: &NodeId,
+        partition: u32,
+        shipment: anti_entropy::Shipment,
+        reply: bool,
+    ) -> (Vec<u8>, u32) {
+        let anti_entropy::Shipment {
+            segments,
+            pages,
+            page,
+            entries,
+        } = shipment;
         self.send(
             to,
             PeerMessage::AntiEntropyEntries {
                 partition,
-                segments: sent.clone(),
+                segments: segments.clone(),
+                pages,
+                page,
                 entries: entries
                     .into_iter()
                     .map(|(key, set)| AntiEntropyEntry { key, set })
@@ -1301,7 +1377,7 @@ impl Node {
                 reply,
             },
         );
-        sent
+        (segments, pages)
     }
 
     /// A peer's entries of the segments that differ: merges each (a merge
@@ -1312,15 +1388,23 @@ impl Node {
         now: Millis,
         from: &NodeId,
         partition: u32,
-        segments: &[u8],
+        (segments, pages, page): (&[u8], u32, u32),
         entries: Vec<AntiEntropyEntry>,
         reply: bool,
     ) {
+        if !self.exchanges.is_on() {
+            tracing::debug!(peer = %from, partition, "anti-entropy entries ignored: anti-entropy is off here");
+            return;
+        }
         let well_formed = segments
             .iter()
             .all(|&s| usize::from(s) < anti_entropy::SEGMENTS)
             && !segments.is_empty()
-            && segments.len() <= anti_entropy::MAX_DIFF_SEGMENTS;
+            && segments.len() <= anti_entropy::MAX_DIFF_SEGMENTS
+            && pages.is_power_of_two()
+            && pages <= anti_entropy::MAX_PAGES
+            && page < pages
+            && (pages == 1 || segments.len() == 1);
         if !well_formed || !self.exchange_allowed(from, partition) {
             tracing::warn!(peer = %from, partition, "anti-entropy entries refused: not a replica pair, or malformed");
             return;
@@ -1330,7 +1414,8 @@ impl Node {
         for AntiEntropyEntry { key, set } in entries {
             let in_place = self.check_key(&key).is_ok()
                 && self.membership.ring().partition_for_key(&key) == partition
-                && segments.contains(&(anti_entropy::segment_of(&key) as u8));
+                && segments.contains(&(anti_entropy::segment_of(&key) as u8))
+                && (pages == 1 || anti_entropy::page_of(&key, pages) == page);
             if !in_place {
                 tracing::warn!(peer = %from, partition, "anti-entropy entry for a key outside the segments sent; dropped");
                 continue;
@@ -1350,7 +1435,7 @@ impl Node {
         }
         if reply {
             self.anti_entropy.segments_differing += segments.len() as u64;
-            self.send_entries(from, partition, segments, false);
+            self.send_entries(from, partition, segments, false, Some((pages, page)));
         }
     }
 

@@ -109,21 +109,26 @@ fn writes_after_a_tree_is_built_keep_it_current() {
 #[test]
 fn a_replica_missing_more_than_one_message_holds_heals_over_successive_exchanges() {
     let mut config = config();
-    // Entries messages of at most 300 estimated bytes: about three entries,
-    // where the 16 segments one answer may take hold about nine.
-    config.max_peer_message_bytes = 600;
+    // Frames of at most 1,000 bytes, and so entries messages of about 500
+    // estimated bytes (two or three entries of 100-byte values), where a
+    // segment holds about four keys: most segments go a page at a time.
+    config.max_peer_message_bytes = 1_000;
     let mut c = cluster_with(3, config);
+    c.max_message_bytes = Some(1_000);
     c.isolate("n3");
-    let keys = keys(300);
+    let keys = keys(2_000);
     for key in &keys {
-        expect_put(c.put("n1", key, b"a value of some thirty bytes..", None));
+        expect_put(c.put("n1", key, &[b'v'; 100], None));
     }
     c.heal();
-    c.run_for(5_000);
+    // Two or three entries a message: 2,000 keys take a few thousand
+    // exchanges (about 40 s here, at 10 ms between them).
+    c.run_for(60_000);
     for key in &keys {
         assert_eq!(c.durable("n3", key), c.durable("n1", key), "{key:?}");
     }
-    assert_eq!(c.node("n3").anti_entropy_stats().keys_repaired, 300);
+    assert_eq!(c.node("n3").anti_entropy_stats().keys_repaired, 2_000);
+    assert_eq!(c.oversize, 0, "every message fit in a frame");
     assert_trees_were_right(&c);
     assert_quiet(&mut c);
 }
@@ -160,6 +165,8 @@ fn entries_msg(partition: u32, segments: Vec<u8>, key: &[u8], set: DvvSet) -> Pe
     PeerMessage::AntiEntropyEntries {
         partition,
         segments,
+        pages: 1,
+        page: 0,
         entries: vec![AntiEntropyEntry {
             key: key.to_vec(),
             set,

@@ -83,6 +83,10 @@ pub struct Cluster {
     /// Alters each message (sender, receiver, message) before it is delivered:
     /// a peer that is buggy or hostile.
     pub tamper: Option<Tamper>,
+    /// Drops messages whose encoding is longer (as the shell's frame codec
+    /// refuses them), counting them in `oversize`.
+    pub max_message_bytes: Option<usize>,
+    pub oversize: usize,
 }
 
 /// See [`Cluster::tamper`].
@@ -127,6 +131,8 @@ impl Cluster {
             next_client_req: 1,
             delivered: Vec::new(),
             tamper: None,
+            max_message_bytes: None,
+            oversize: 0,
         };
         for (i, m) in members.iter().enumerate() {
             let disk = DiskHandle::default();
@@ -231,7 +237,12 @@ impl Cluster {
             moved |= self.sync_disks();
             if let Some((from, to, mut msg)) = self.net.pop_front() {
                 moved = true;
-                if !self.isolated.contains(&from) && !self.isolated.contains(&to) {
+                let oversize = self.max_message_bytes.is_some_and(|limit| {
+                    postcard::to_allocvec(&msg).map_or(true, |bytes| bytes.len() > limit)
+                });
+                if oversize {
+                    self.oversize += 1;
+                } else if !self.isolated.contains(&from) && !self.isolated.contains(&to) {
                     if let Some(tamper) = &mut self.tamper {
                         tamper(&from, &to, &mut msg);
                     }

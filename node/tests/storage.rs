@@ -278,6 +278,13 @@ fn malformed_sets_read_as_corrupt(s: &dyn Storage) {
 #[test]
 fn every_engine_reads_a_malformed_set_as_corrupt() {
     malformed_sets_read_as_corrupt(&MemoryStorage::new());
+    // Through the row cache too, whose layer passes scans to the engine.
+    let cached = dynamo_node::storage::CachedStorage::wrap(
+        Arc::new(MemoryStorage::new()),
+        1 << 20,
+        Arc::default(),
+    );
+    malformed_sets_read_as_corrupt(cached.as_ref());
     #[cfg(not(madsim))]
     {
         let dir = tempfile::tempdir().unwrap();

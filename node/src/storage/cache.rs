@@ -205,10 +205,20 @@ impl super::StorageLayer for CachedStorage {
             // may have read the engine before the batch applied, and must not
             // fill its older set over this one.
             shard.epoch = shard.epoch.wrapping_add(1);
+            // A set the engine would read back as corrupt (one that breaks a
+            // set's invariants, which only a bug could write) is not kept:
+            // reads must go to the engine and see the error, as without a
+            // cache.
+            let malformed = write
+                .set
+                .as_ref()
+                .is_some_and(|set| dynamo_core::version::malformation(set).is_some());
             match &result {
                 // In batch order, so a later write of a key wins, as in the engine.
-                Ok(()) => self.change(&mut shard, |cache| cache.insert(stored, write.set)),
-                Err(_) => self.change(&mut shard, |cache| {
+                Ok(()) if !malformed => {
+                    self.change(&mut shard, |cache| cache.insert(stored, write.set))
+                }
+                _ => self.change(&mut shard, |cache| {
                     cache.remove(&stored);
                 }),
             }

@@ -495,6 +495,8 @@ mod tests {
         assert_eq!(c.max_clock_drift_ms, 60_000);
         assert_eq!(c.core_config().max_clock_drift_ms, 60_000);
         assert_eq!(c.core_config().anti_entropy_interval_ms, 1_000);
+        // Anti-entropy keeps its messages within the frame limit peers take.
+        assert_eq!(c.core_config().max_peer_message_bytes, c.max_frame_bytes());
     }
 
     /// Resolves `args` with a config file holding `text`.

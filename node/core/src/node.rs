@@ -1224,13 +1224,10 @@ impl Node {
         Ok(entries)
     }
 
-    /// Whether this node takes part in anti-entropy and `from` and it are
-    /// both primaries of `partition` (an exchange with anyone else is
-    /// refused: a peer's ring may disagree).
+    /// Whether `from` and this node are both primaries of `partition` (an
+    /// exchange with anyone else is refused: a peer's ring may disagree).
+    /// Both handlers first check that anti-entropy is on here at all.
     fn exchange_allowed(&self, from: &NodeId, partition: u32) -> bool {
-        if !self.exchanges.is_on() {
-            return false;
-        }
         let ring = self.membership.ring();
         if partition >= ring.partition_count() {
             return false;

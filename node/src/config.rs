@@ -106,6 +106,14 @@ pub struct ServerArgs {
     /// replica and repairs what differs; 0 turns anti-entropy off. [default: 1000]
     #[arg(long, env = "DYNAMO_ANTI_ENTROPY_INTERVAL_MS")]
     pub anti_entropy_interval_ms: Option<u64>,
+    /// Sloppy quorum: when a primary of a key looks down, a write goes to the
+    /// next healthy node as a hint for it, and that node's acknowledgement
+    /// counts towards W (Dynamo's and Riak's behaviour). With false, hints
+    /// are still kept and handed off, but W counts primaries only, which
+    /// keeps read-your-writes under R + W > N. All nodes should agree.
+    /// [default: true]
+    #[arg(long, env = "DYNAMO_SLOPPY_QUORUM")]
+    pub sloppy_quorum: Option<bool>,
     /// Memory for the row cache of recently read and written keys, in MiB;
     /// worth it for read-heavy loads on small values (see the README). [default: 0, off]
     #[arg(long, env = "DYNAMO_CACHE_MB")]
@@ -154,6 +162,7 @@ struct FileConfig {
     versioning: Option<String>,
     max_clock_drift_ms: Option<u64>,
     anti_entropy_interval_ms: Option<u64>,
+    sloppy_quorum: Option<bool>,
     cache_mb: Option<u64>,
     memtable_mb: Option<u64>,
     worker_threads: Option<usize>,
@@ -215,6 +224,8 @@ pub struct ServerConfig {
     pub max_clock_drift_ms: u64,
     /// Time between anti-entropy exchanges; 0: off.
     pub anti_entropy_interval_ms: u64,
+    /// Whether fallbacks' hints count towards W.
+    pub sloppy_quorum: bool,
     /// The row cache's bound in bytes; 0: no cache.
     pub cache_bytes: u64,
     /// The storage engine's memtable size in MiB.
@@ -325,6 +336,7 @@ impl ServerConfig {
                 file.anti_entropy_interval_ms,
                 dynamo_core::anti_entropy::DEFAULT_INTERVAL_MS,
             ),
+            sloppy_quorum: pick(&args.sloppy_quorum, file.sloppy_quorum, true),
             cache_bytes: pick(&args.cache_mb, file.cache_mb, 0).saturating_mul(1 << 20),
             memtable_mb: pick(&args.memtable_mb, file.memtable_mb, DEFAULT_MEMTABLE_MB),
             worker_threads: args.worker_threads.or(file.worker_threads),
@@ -470,6 +482,7 @@ impl ServerConfig {
         c.max_value_bytes = self.max_value_bytes;
         c.max_clock_drift_ms = self.max_clock_drift_ms;
         c.anti_entropy_interval_ms = self.anti_entropy_interval_ms;
+        c.sloppy_quorum = self.sloppy_quorum;
         c.max_peer_message_bytes = self.max_frame_bytes();
         c
     }
@@ -495,6 +508,7 @@ mod tests {
         assert_eq!(c.max_clock_drift_ms, 60_000);
         assert_eq!(c.core_config().max_clock_drift_ms, 60_000);
         assert_eq!(c.core_config().anti_entropy_interval_ms, 1_000);
+        assert!(c.core_config().sloppy_quorum);
         // Anti-entropy keeps its messages within the frame limit peers take.
         assert_eq!(c.core_config().max_peer_message_bytes, c.max_frame_bytes());
     }
@@ -563,7 +577,7 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let c = with_file(
-            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\nmax_clock_drift_ms = 5000\nanti_entropy_interval_ms = 250\n",
+            "node_id = \"a\"\nn = 5\nr = 3\nw = 3\npeers = [\"b=127.0.0.1:2\"]\nhttp_addr = \"off\"\nworker_threads = 3\ncache_mb = 8\nmax_connections = 100\ncommit_delay_us = 200\nmemtable_mb = 32\nmax_clock_drift_ms = 5000\nanti_entropy_interval_ms = 250\nsloppy_quorum = false\n",
             ServerArgs {
                 r: Some(1),
                 ..Default::default()
@@ -581,6 +595,7 @@ mod tests {
         assert_eq!(c.memtable_mb, 32);
         assert_eq!(c.core_config().max_clock_drift_ms, 5_000);
         assert_eq!(c.core_config().anti_entropy_interval_ms, 250);
+        assert!(!c.core_config().sloppy_quorum);
     }
 
     #[test]

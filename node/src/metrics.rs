@@ -267,6 +267,12 @@ pub struct Metrics {
     pub anti_entropy_keys_repaired: AtomicU64,
     pub anti_entropy_read_failures: AtomicU64,
     pub anti_entropy_segments_corrected: AtomicU64,
+    /// Hinted handoff's counters and the hints held (the core's, copied
+    /// after each turn).
+    pub hints_held: AtomicU64,
+    pub hints_accepted: AtomicU64,
+    pub hints_refused: AtomicU64,
+    pub hints_delivered: AtomicU64,
     /// Client connections open (every front end), and those refused at the
     /// bound (see [`crate::connection_limit`]).
     pub client_connections: AtomicU64,
@@ -291,6 +297,10 @@ impl Metrics {
             anti_entropy_keys_repaired: AtomicU64::new(0),
             anti_entropy_read_failures: AtomicU64::new(0),
             anti_entropy_segments_corrected: AtomicU64::new(0),
+            hints_held: AtomicU64::new(0),
+            hints_accepted: AtomicU64::new(0),
+            hints_refused: AtomicU64::new(0),
+            hints_delivered: AtomicU64::new(0),
             client_connections: AtomicU64::new(0),
             client_connections_refused: AtomicU64::new(0),
         }
@@ -312,6 +322,12 @@ impl Metrics {
             .store(ae.read_failures, Ordering::Relaxed);
         self.anti_entropy_segments_corrected
             .store(ae.segments_corrected, Ordering::Relaxed);
+        let hints = node.handoff_stats();
+        self.hints_held.store(hints.held, Ordering::Relaxed);
+        self.hints_accepted.store(hints.accepted, Ordering::Relaxed);
+        self.hints_refused.store(hints.refused, Ordering::Relaxed);
+        self.hints_delivered
+            .store(hints.delivered, Ordering::Relaxed);
     }
 
     /// A node's metrics with a storage worker's counters of its own, for
@@ -366,7 +382,7 @@ impl Metrics {
         let s = &self.storage;
         let c = &self.cache;
         let p = &self.peers;
-        let scalars: [(&str, &str, &str, &AtomicU64); 30] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 34] = [
             (
                 "dynamo_client_requests_in_flight",
                 "gauge",
@@ -534,6 +550,30 @@ impl Metrics {
                 "counter",
                 "Hash-tree segments a partition scan found wrong on this node and corrected (a bug if ever above 0; logged).",
                 &self.anti_entropy_segments_corrected,
+            ),
+            (
+                "dynamo_hints",
+                "gauge",
+                "Hints this node holds as a fallback for primaries that looked down, not yet handed off.",
+                &self.hints_held,
+            ),
+            (
+                "dynamo_hints_accepted_total",
+                "counter",
+                "Writes this node accepted as a hint for a primary that looked down to their coordinator.",
+                &self.hints_accepted,
+            ),
+            (
+                "dynamo_hints_refused_total",
+                "counter",
+                "Hints this node refused: it already held its bound of 100000, or the hint named a node that is not a primary of the key.",
+                &self.hints_refused,
+            ),
+            (
+                "dynamo_hints_delivered_total",
+                "counter",
+                "Hints handed off: their primary persisted them and this node removed them.",
+                &self.hints_delivered,
             ),
             (
                 "dynamo_client_connections",

@@ -579,9 +579,10 @@ fn metrics_count_requests_group_commits_and_peer_traffic() {
         "{page}"
     );
 
-    // Every node holds a replica of every key (N = 3 of 3): three writes reached
-    // each one's storage worker, in group commits that each synced once (read
-    // once no batch is between its count and its sync).
+    // Every node holds a replica of every key (N = 3 of 3): three writes reach
+    // each one's storage worker (the third replica's may land after the W = 2
+    // answer), in group commits that each synced once (read once no batch is
+    // between its count and its sync).
     for i in 0..3 {
         let page = wait_until(
             &format!("n{}'s group commits to settle", i + 1),
@@ -590,7 +591,8 @@ fn metrics_count_requests_group_commits_and_peer_traffic() {
                 let page = c.get(i, "/metrics").text();
                 let batches = sample(&page, "dynamo_storage_batches_total");
                 let synced = sample(&page, "dynamo_storage_sync_seconds_count");
-                (batches == synced).then_some(page)
+                let writes = sample(&page, "dynamo_storage_persist_requests_total");
+                (batches == synced && writes >= 3.0).then_some(page)
             },
         );
         assert!(

@@ -487,7 +487,7 @@ fn request(id: u64) -> PersistRequest {
         id,
         partition: (id % 4) as u32,
         key: format!("key{id}").into_bytes(),
-        set: set(id),
+        set: Some(set(id)),
     }
 }
 
@@ -531,7 +531,7 @@ async fn always_reports_every_request_and_groups_syncs() {
     storage.inner.crash();
     for id in 0..N {
         let r = request(id);
-        assert_eq!(storage.get(r.partition, &r.key).unwrap(), Some(r.set));
+        assert_eq!(storage.get(r.partition, &r.key).unwrap(), r.set);
     }
     worker.shutdown().await.unwrap();
 }
@@ -577,14 +577,14 @@ async fn back_to_back_writes_of_one_key_reach_the_engine_once() {
         id,
         partition: 1,
         key: b"hot".to_vec(),
-        set: set(id),
+        set: Some(set(id)),
     };
     let mut burst: Vec<PersistRequest> = (0..10).map(hot).collect();
     burst.push(PersistRequest {
         id: 10,
         partition: 1,
         key: b"cold".to_vec(),
-        set: set(10),
+        set: Some(set(10)),
     });
     burst.push(hot(11));
     worker.submit_all(burst);
@@ -624,7 +624,7 @@ async fn always_acks_only_synced_writes_under_concurrent_submitters() {
         let r = request(id);
         assert_eq!(
             storage.get(r.partition, &r.key).unwrap(),
-            Some(r.set),
+            r.set,
             "acked {id} lost"
         );
     }
@@ -813,7 +813,7 @@ async fn worker_over_fjall_makes_acked_writes_survive_reopen() {
     let s = dynamo_node::storage::FjallStorage::open(dir.path()).unwrap();
     for id in 0..100 {
         let r = request(id);
-        assert_eq!(s.get(r.partition, &r.key).unwrap(), Some(r.set));
+        assert_eq!(s.get(r.partition, &r.key).unwrap(), r.set);
     }
 }
 

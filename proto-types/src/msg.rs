@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version carried in every frame header. Bump it whenever a
 /// message's encoding changes; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// How a write treats the versions it did not name in its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -185,6 +185,18 @@ pub enum PeerMessage {
     /// key to one replica into a single message: `set` is their merge.
     Replicate {
         reqs: Vec<u64>,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        set: DvvSet,
+    },
+    /// Sloppy quorum: `owner`, a primary of `key`, looked down to the
+    /// coordinator, so this node (a fallback) keeps the write as a hint for it:
+    /// merge `set` into your hint for (`owner`, `key`), persist, acknowledge
+    /// every request in `reqs` with `ReplicateAck`, and hand the hint to
+    /// `owner` (as a `Replicate`) once it is reachable again.
+    Hint {
+        reqs: Vec<u64>,
+        owner: NodeId,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         set: DvvSet,

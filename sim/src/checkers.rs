@@ -33,6 +33,8 @@ pub struct CheckParams {
     /// Acknowledged writes are durable with sync = always; otherwise only while
     /// no node was ever down (see [`no_lost_writes`]).
     pub sync_always: bool,
+    /// Fallbacks' hints counted towards W (see [`read_your_writes`]).
+    pub sloppy_quorum: bool,
     pub request_timeout_ms: u64,
     /// Availability grace after the last fault change.
     pub detector_timeout_ms: u64,
@@ -114,7 +116,7 @@ pub fn check_all(
     params: &CheckParams,
 ) -> Vec<CheckReport> {
     let index = Index::new(history, final_state, params);
-    let checks: [(&'static str, Checker); 7] = [
+    let checks: [(&'static str, Checker); 8] = [
         ("no_lost_writes", no_lost_writes_in),
         ("reply_contexts", reply_contexts_in),
         ("read_your_writes", read_your_writes_in),
@@ -122,6 +124,7 @@ pub fn check_all(
         ("no_false_siblings", no_false_siblings_in),
         ("no_resurrection", no_resurrection_in),
         ("availability", availability_in),
+        ("hint_drain", hint_drain_in),
     ];
     checks
         .into_iter()
@@ -176,8 +179,10 @@ pub fn reply_contexts(
     reply_contexts_in(&Index::new(history, final_state, params))
 }
 
-/// Invariant 2, under strict quorums. Skipped unless R + W > N and acknowledged
-/// writes are durable (as for [`no_lost_writes`]: a crash that loses an
+/// Invariant 2, under strict quorums. Skipped under a sloppy quorum (a write
+/// acknowledged by fallbacks' hints need not be on R primaries until it is
+/// handed off: Dynamo's trade of consistency for write availability), and
+/// unless R + W > N and acknowledged writes are durable (as for [`no_lost_writes`]: a crash that loses an
 /// acknowledged write on W nodes breaks the quorum intersection). For every get
 /// with a reply whose effective R (its own, or the default) satisfies R + W > N,
 /// and every write (put or delete) of the same key acknowledged strictly before
@@ -222,8 +227,8 @@ pub fn no_false_siblings(
 /// Invariant 7. For every acknowledged write (delete or put) with a request
 /// context C, no sibling whose dot C covers is in the merged final state of the
 /// key's primaries, nor in the reply of a get invoked after the write completed
-/// (gets are checked only when their effective R satisfies R + W > N: under weak
-/// quorums a get may legitimately read a stale replica). Skipped in LWW mode,
+/// (gets are checked only when their effective R satisfies R + W > N, and not
+/// under a sloppy quorum: otherwise a get may legitimately read a stale replica). Skipped in LWW mode,
 /// where a write with a smaller timestamp loses even to what its context covers
 /// (clock skew; documented in `Versioning::Lww`), and unless acknowledged writes
 /// are durable (as for [`no_lost_writes`]: a lost delete lets what it deleted
@@ -335,8 +340,14 @@ impl<'a> Index<'a> {
         }
     }
 
+    /// Whether `get`'s quorum must intersect every acknowledged write's:
+    /// R + W > N, and only primaries count towards W (under a sloppy quorum a
+    /// write may be acknowledged by fallbacks' hints, on fewer than W
+    /// primaries until they are handed off).
     fn strict_read(&self, get: &Op) -> bool {
-        u16::from(self.effective_r(get)) + u16::from(self.params.w) > u16::from(self.params.n)
+        !self.params.sloppy_quorum
+            && u16::from(self.effective_r(get)) + u16::from(self.params.w)
+                > u16::from(self.params.n)
     }
 }
 
@@ -733,6 +744,11 @@ fn reply_contexts_in(ix: &Index) -> Verdict {
 
 fn read_your_writes_in(ix: &Index) -> Verdict {
     let p = ix.params;
+    if p.sloppy_quorum {
+        return Verdict::Skipped(
+            "sloppy quorum: fallbacks' hints count towards W, so quorums need not intersect".into(),
+        );
+    }
     if u16::from(p.r) + u16::from(p.w) <= u16::from(p.n) {
         return Verdict::Skipped(format!(
             "R + W = {} + {} <= N = {}: quorums need not intersect",
@@ -1061,6 +1077,29 @@ fn availability_in(ix: &Index) -> Verdict {
     Verdict::Pass
 }
 
+// ---------------------------------------------------------------------------
+// 5. Hint drain.
+
+/// Invariant 5. After the liveness phase (every node restarted, the network
+/// healed, then the quiesce) no node holds a hint: each was handed to its
+/// owner, which persisted it, and removed.
+fn hint_drain_in(ix: &Index) -> Verdict {
+    for (node, hints) in &ix.final_state.hints {
+        let Some(first) = hints.first() else {
+            continue;
+        };
+        let shown = match dynamo_core::handoff::split_hint_key(first) {
+            Some((owner, key)) => format!("for {owner} of {}", show_key(key)),
+            None => format!("under the unreadable storage key {}", show_bytes(first)),
+        };
+        return liveness(format!(
+            "{node} still holds {} hint(s) after healing and quiescence, the first {shown}",
+            hints.len()
+        ));
+    }
+    Verdict::Pass
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1236,6 +1275,7 @@ mod tests {
             r: 2,
             w: 2,
             sync_always: true,
+            sloppy_quorum: false,
             request_timeout_ms: 1_000,
             detector_timeout_ms: 3_000,
             fault_windows: Vec::new(),
@@ -1482,6 +1522,36 @@ mod tests {
             read_your_writes(&h.history(), &FinalState::default(), &weak),
             Verdict::Skipped(_)
         ));
+        let sloppy = CheckParams {
+            sloppy_quorum: true,
+            ..params()
+        };
+        assert!(matches!(
+            read_your_writes(&h.history(), &FinalState::default(), &sloppy),
+            Verdict::Skipped(_)
+        ));
+    }
+
+    // -- hint drain -------------------------------------------------------
+
+    #[test]
+    fn a_hint_left_after_quiescence_fails_hint_drain() {
+        let history = History::default();
+        let mut state = FinalState::default();
+        state.hints.insert("n1".into(), Vec::new());
+        let p = params();
+        let check = |state: &FinalState| hint_drain_in(&Index::new(&history, state, &p));
+        assert_eq!(check(&state), Verdict::Pass);
+        let owner = dynamo_proto::NodeId::from("n3");
+        state.hints.insert(
+            "n2".into(),
+            vec![dynamo_core::handoff::hint_key(&owner, KEY.as_bytes())],
+        );
+        assert_fails(
+            check(&state),
+            ViolationKind::Liveness,
+            &["n2 still holds 1 hint", "for n3"],
+        );
     }
 
     // -- convergence ------------------------------------------------------
@@ -1980,7 +2050,8 @@ mod tests {
                 "convergence",
                 "no_false_siblings",
                 "no_resurrection",
-                "availability"
+                "availability",
+                "hint_drain"
             ]
         );
         for report in &reports {

@@ -114,4 +114,7 @@ pub struct FinalState {
     pub stored: BTreeMap<String, BTreeMap<Key, DvvSet>>,
     /// key -> its primaries, in preference-list order.
     pub primaries: BTreeMap<Key, Vec<String>>,
+    /// node -> the storage keys of the hints it still holds (owner and key,
+    /// as `dynamo_core::handoff::hint_key` makes them).
+    pub hints: BTreeMap<String, Vec<Vec<u8>>>,
 }

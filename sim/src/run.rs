@@ -106,6 +106,7 @@ pub async fn run(scenario: Scenario, seed: u64) -> anyhow::Result<RunResult> {
         r: scenario.cluster.r.min(n),
         w: scenario.cluster.w.min(n),
         sync_always: scenario.disk.sync == "always",
+        sloppy_quorum: scenario.cluster.sloppy_quorum,
         request_timeout_ms: scenario.cluster.request_timeout.0,
         detector_timeout_ms: DETECTOR_TIMEOUT_MS,
         fault_windows: world.fault_windows(sim_ms),

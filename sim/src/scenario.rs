@@ -88,6 +88,11 @@ pub struct ClusterSpec {
     /// node's default is on; scenario files written before anti-entropy keep
     /// their traces (and their pinned seeds what they found) unless they ask.
     pub anti_entropy: Millis,
+    /// Sloppy quorum (`--sloppy-quorum`): fallbacks' hints count towards W.
+    /// Off, the default here, hints are still kept and handed off but only
+    /// primaries count, so read-your-writes is checked; the node's default is
+    /// on.
+    pub sloppy_quorum: bool,
 }
 
 impl Default for ClusterSpec {
@@ -103,6 +108,7 @@ impl Default for ClusterSpec {
             max_siblings: 64,
             max_clock_drift: Millis(dynamo_core::version::DEFAULT_MAX_CLOCK_DRIFT_MS),
             anti_entropy: Millis(0),
+            sloppy_quorum: false,
         }
     }
 }
@@ -361,6 +367,9 @@ pub struct SwarmSpec {
     /// half the seeds, at 20-200 ms between exchanges, and in half of those
     /// without the final reads, so that only anti-entropy converges them.
     pub anti_entropy: bool,
+    /// Also run with a sloppy quorum, likewise drawn from a stream of its
+    /// own: in half the seeds.
+    pub sloppy_quorum: bool,
     pub max_loss: f64,
     pub max_latency: Millis,
     pub max_skew: Millis,
@@ -384,6 +393,7 @@ impl Default for SwarmSpec {
             disk_stall: false,
             read_fail: false,
             anti_entropy: false,
+            sloppy_quorum: false,
             max_loss: 0.2,
             max_latency: Millis(100),
             max_skew: Millis(2_000),
@@ -768,6 +778,9 @@ impl Scenario {
         }
         if swarm.anti_entropy {
             draw_anti_entropy(seed, &mut s);
+        }
+        if swarm.sloppy_quorum {
+            s.cluster.sloppy_quorum = ChaCha8Rng::seed_from_u64(seed ^ 0x5109_9e11).gen_bool(0.5);
         }
         steps.sort_by_key(|s| s.at);
         s.steps = steps;

@@ -9,6 +9,7 @@ use crate::checkers::FaultWindow;
 use crate::history::{FinalState, Key};
 use crate::scenario::{Action, LoseUnsynced, Scenario};
 use crate::trace::Trace;
+use dynamo_core::handoff::HINT_PARTITION;
 use dynamo_core::ring::Ring;
 use dynamo_node::config::{ServerArgs, ServerConfig};
 use dynamo_node::runtime::{self, Clock, Environment};
@@ -100,6 +101,7 @@ impl World {
                 max_siblings: Some(scenario.cluster.max_siblings),
                 max_clock_drift_ms: Some(scenario.cluster.max_clock_drift.0),
                 anti_entropy_interval_ms: Some(scenario.cluster.anti_entropy.0),
+                sloppy_quorum: Some(scenario.cluster.sloppy_quorum),
                 versioning: Some(scenario.cluster.versioning.clone()),
                 // The row cache is off by default; the simulator runs every
                 // node with it, so a cache that ever answered differently
@@ -522,6 +524,12 @@ impl World {
                 }
             }
             state.stored.insert(node.name.clone(), stored);
+            let hints = node
+                .storage
+                .scan_partition(HINT_PARTITION, None, usize::MAX)
+                .map(|hints| hints.into_iter().map(|(key, _)| key).collect())
+                .unwrap_or_default();
+            state.hints.insert(node.name.clone(), hints);
         }
         state
     }

@@ -6,6 +6,7 @@
 //! simulator and the production node run this very code.
 
 pub mod anti_entropy;
+pub mod handoff;
 pub mod membership;
 pub mod node;
 pub mod quorum;

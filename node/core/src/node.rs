@@ -11,9 +11,10 @@
 //! shell calls [`Node::on_persisted`] for it.
 
 use crate::anti_entropy::{self, HashTrees, Schedule};
+use crate::handoff::{self, Hints, HINT_PARTITION};
 use crate::membership::{HelloCheck, Member, Membership, Reachability};
 use crate::quorum;
-use crate::ring::RingError;
+use crate::ring::{RingError, Role};
 use crate::store::LocalStore;
 use crate::version::{self, HlcClock, Versioning};
 use dynamo_proto::{
@@ -57,6 +58,14 @@ pub struct Config {
     /// The largest peer message payload the peers accept (the frame limit):
     /// anti-entropy keeps each message of entries to half of it.
     pub max_peer_message_bytes: usize,
+    /// Sloppy quorum: a fallback's hint for a primary that looked down counts
+    /// towards W, as in Dynamo and Riak. Off, hints are still kept and handed
+    /// off, but only primaries count (see [`handoff`]).
+    pub sloppy_quorum: bool,
+    /// Time between two rounds of handing hints to their owners.
+    pub handoff_interval_ms: Millis,
+    /// Hints this node keeps at most as a fallback.
+    pub max_hints: usize,
 }
 
 impl Config {
@@ -77,6 +86,9 @@ impl Config {
             max_clock_drift_ms: version::DEFAULT_MAX_CLOCK_DRIFT_MS,
             anti_entropy_interval_ms: anti_entropy::DEFAULT_INTERVAL_MS,
             max_peer_message_bytes: dynamo_proto::frame::DEFAULT_MAX_PAYLOAD,
+            sloppy_quorum: true,
+            handoff_interval_ms: handoff::DEFAULT_HANDOFF_INTERVAL_MS,
+            max_hints: handoff::DEFAULT_MAX_HINTS,
         }
     }
 }
@@ -91,13 +103,15 @@ pub enum ConfigError {
     Ring(#[from] RingError),
 }
 
-/// A write the shell must make durable, then report with [`Node::on_persisted`].
+/// A write the shell must make durable, then report with [`Node::on_persisted`]:
+/// store `set` under `key`, or remove the key when `set` is `None` (a hint
+/// handed off).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PersistRequest {
     pub id: u64,
     pub partition: u32,
     pub key: Vec<u8>,
-    pub set: DvvSet,
+    pub set: Option<DvvSet>,
 }
 
 /// What the node asks the shell to do.
@@ -163,11 +177,22 @@ struct PendingForward {
     untried: Vec<NodeId>,
 }
 
+/// A hint sent to its owner, awaiting the owner's acknowledgement.
+#[derive(Debug)]
+struct PendingHandoff {
+    owner: NodeId,
+    key: Vec<u8>,
+    /// What was sent: the hint is removed only if it is still this.
+    sent: DvvSet,
+    deadline: Millis,
+}
+
 #[derive(Debug)]
 enum Pending {
     Put(PendingPut),
     Get(PendingGet),
     Forward(PendingForward),
+    Handoff(PendingHandoff),
 }
 
 impl Pending {
@@ -176,6 +201,7 @@ impl Pending {
             Pending::Put(p) => p.deadline,
             Pending::Get(g) => g.deadline,
             Pending::Forward(f) => f.deadline,
+            Pending::Handoff(h) => h.deadline,
         }
     }
 }
@@ -213,6 +239,10 @@ pub fn first_request_id(actor: Actor) -> u64 {
     (start << REQUEST_COUNTER_BITS) | 1
 }
 
+/// A write handed to the shell and not yet durable: the set (`None`: the key's
+/// removal) and its persist id.
+type Unsynced = (Option<DvvSet>, u64);
+
 /// One cluster member's coordinator and replica roles.
 pub struct Node {
     config: Config,
@@ -226,8 +256,9 @@ pub struct Node {
     store: Box<dyn LocalStore + Send>,
     hlc: HlcClock,
     /// Writes handed to the shell and not yet reported durable, by partition
-    /// and key, with the newest persist id: reads see them first.
-    unsynced: BTreeMap<u32, BTreeMap<Vec<u8>, (DvvSet, u64)>>,
+    /// and key, with the newest persist id: reads see them first (`None`: a
+    /// removal).
+    unsynced: BTreeMap<u32, BTreeMap<Vec<u8>, Unsynced>>,
     persist_waiters: BTreeMap<u64, (u32, Vec<u8>, PersistWaiter)>,
     next_persist: u64,
     next_req: u64,
@@ -254,6 +285,10 @@ pub struct Node {
     trees: HashTrees,
     exchanges: Schedule,
     anti_entropy: anti_entropy::Stats,
+    /// Hinted handoff: the hints this node holds as a fallback, and what it
+    /// has done with them.
+    hints: Hints,
+    handoff: handoff::Stats,
 }
 
 /// Keys whose far-future read timestamps a node keeps (see
@@ -294,7 +329,8 @@ impl Node {
         warnings.extend(warn_w);
         let max_clock_drift_ms = config.max_clock_drift_ms;
         let exchanges = Schedule::new(config.anti_entropy_interval_ms, 0);
-        Ok(Node {
+        let hints = Hints::new(config.handoff_interval_ms);
+        let mut node = Node {
             config,
             n,
             r,
@@ -319,7 +355,11 @@ impl Node {
             trees: HashTrees::default(),
             exchanges,
             anti_entropy: anti_entropy::Stats::default(),
-        })
+            hints,
+            handoff: handoff::Stats::default(),
+        };
+        node.list_hints(0);
+        Ok(node)
     }
 
     pub fn id(&self) -> &NodeId {
@@ -406,10 +446,10 @@ impl Node {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Millis> {
         let deadline = self.timers.first().map(|&(at, _)| at);
-        match (deadline, self.exchanges.next_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [deadline, self.exchanges.next_at, self.hints.next_at()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Expires every request whose deadline has passed.
@@ -425,6 +465,9 @@ impl Node {
         }
         if self.exchanges.due(now) {
             self.start_exchange(now);
+        }
+        if self.hints.due(now) {
+            self.hand_off(now);
         }
     }
 
@@ -453,23 +496,14 @@ impl Node {
             | PeerMessage::Ping { .. }
             | PeerMessage::Pong { .. } => {}
             PeerMessage::Replicate { reqs, key, set } => {
-                self.hlc_observe(now, from, &set);
-                let waiter = PersistWaiter::ReplicaAck {
-                    to: from.clone(),
-                    reqs,
-                };
-                if let Err((error, PersistWaiter::ReplicaAck { reqs, .. })) =
-                    self.merge_local(&key, &set, waiter, true)
-                {
-                    self.send(
-                        from,
-                        PeerMessage::ReplicateAck {
-                            reqs,
-                            error: Some(error),
-                        },
-                    );
-                }
+                self.on_replicate(now, from, reqs, &key, &set);
             }
+            PeerMessage::Hint {
+                reqs,
+                owner,
+                key,
+                set,
+            } => self.on_hint(now, from, reqs, owner, key, set),
             PeerMessage::ReplicateAck { reqs, error } => {
                 for req in reqs {
                     self.on_replicate_ack(from, req, error.clone());
@@ -555,6 +589,7 @@ impl Node {
     fn refuse_malformed_set(&mut self, from: &NodeId, msg: PeerMessage) -> Option<PeerMessage> {
         let set = match &msg {
             PeerMessage::Replicate { set, .. }
+            | PeerMessage::Hint { set, .. }
             | PeerMessage::Repair { set, .. }
             | PeerMessage::ReadReply {
                 result: Ok(Some(set)),
@@ -568,7 +603,7 @@ impl Node {
         let error = format!("malformed version set from {from} refused: {why}");
         tracing::error!(peer = %from, "{error}");
         match msg {
-            PeerMessage::Replicate { reqs, .. } => {
+            PeerMessage::Replicate { reqs, .. } | PeerMessage::Hint { reqs, .. } => {
                 let ack = PeerMessage::ReplicateAck {
                     reqs,
                     error: Some(error),
@@ -911,10 +946,29 @@ impl Node {
             self.trees.update(partition, &key, old, new);
         }
         let req = self.next_request();
-        for p in &primaries {
-            if *p != self.config.node {
-                self.replicate(p, req, &key, &outcome.set);
+        let mut voters = vec![self.config.node.clone()];
+        for (to, owner) in self.write_targets(&key, &primaries) {
+            match owner {
+                None => self.replicate(&to, req, &key, &outcome.set),
+                Some(owner) => {
+                    let msg = PeerMessage::Hint {
+                        reqs: vec![req],
+                        owner: owner.clone(),
+                        key: key.clone(),
+                        set: outcome.set.clone(),
+                    };
+                    self.send(&to, msg);
+                    if !self.config.sloppy_quorum {
+                        // The hint is kept and handed off, but only primaries
+                        // count: the one that looks down still gets the write
+                        // (it may be back before the timeout).
+                        self.replicate(&owner, req, &key, &outcome.set);
+                        voters.push(owner);
+                        continue;
+                    }
+                }
             }
+            voters.push(to);
         }
         self.persist(
             partition,
@@ -924,7 +978,7 @@ impl Node {
         );
         let put = PendingPut {
             origin,
-            primaries,
+            primaries: voters,
             needed,
             acked: BTreeSet::new(),
             failed: BTreeSet::new(),
@@ -996,6 +1050,12 @@ impl Node {
     }
 
     fn on_replicate_ack(&mut self, from: &NodeId, req: u64, error: Option<String>) {
+        if matches!(self.pending.get(&req), Some(Pending::Handoff(h)) if &h.owner == from) {
+            if let Some(Pending::Handoff(handoff)) = self.remove_pending(req) {
+                self.on_handed_off(handoff, error);
+            }
+            return;
+        }
         let Some(Pending::Put(put)) = self.pending.get_mut(&req) else {
             return;
         };
@@ -1051,6 +1111,8 @@ impl Node {
                 ));
                 self.answer(f.origin, ClientReply::Error(e));
             }
+            // Sent again at a later round.
+            Pending::Handoff(h) => self.hints.landed(&h.owner, &h.key),
         }
     }
 
@@ -1089,6 +1151,17 @@ impl Node {
     }
 
     fn persist(&mut self, partition: u32, key: Vec<u8>, set: DvvSet, waiter: PersistWaiter) {
+        self.persist_or_remove(partition, key, Some(set), waiter);
+    }
+
+    /// As [`Node::persist`]; `None` removes the key.
+    fn persist_or_remove(
+        &mut self,
+        partition: u32,
+        key: Vec<u8>,
+        set: Option<DvvSet>,
+        waiter: PersistWaiter,
+    ) {
         let id = self.next_persist;
         self.next_persist += 1;
         self.unsynced
@@ -1108,9 +1181,240 @@ impl Node {
     /// The local copy of a key: the newest unpersisted write, else the store's.
     fn load(&self, partition: u32, key: &[u8]) -> Result<Option<DvvSet>, String> {
         if let Some((set, _)) = self.unsynced.get(&partition).and_then(|s| s.get(key)) {
-            return Ok(Some(set.clone()));
+            return Ok(set.clone());
         }
         self.store.load(partition, key).map_err(|e| e.to_string())
+    }
+
+    /// A replica's part of a write: merge, persist, then acknowledge.
+    fn on_replicate(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        reqs: Vec<u64>,
+        key: &[u8],
+        set: &DvvSet,
+    ) {
+        self.hlc_observe(now, from, set);
+        let waiter = PersistWaiter::ReplicaAck {
+            to: from.clone(),
+            reqs,
+        };
+        if let Err((error, PersistWaiter::ReplicaAck { reqs, .. })) =
+            self.merge_local(key, set, waiter, true)
+        {
+            self.send(
+                from,
+                PeerMessage::ReplicateAck {
+                    reqs,
+                    error: Some(error),
+                },
+            );
+        }
+    }
+
+    // ---- hinted handoff -----------------------------------------------------
+
+    /// What hinted handoff has done on this node, and the hints it holds.
+    pub fn handoff_stats(&self) -> handoff::Stats {
+        handoff::Stats {
+            held: self.hints.len() as u64,
+            ..self.handoff
+        }
+    }
+
+    /// Where a write this node coordinates goes besides itself: every other
+    /// primary that looks up, and, in place of each one whose last connection
+    /// failed, the next fallback of the preference list that looks up, with
+    /// the primary it stands in for. A primary that looks down with no
+    /// fallback left is sent the write anyway (it may be back in time).
+    fn write_targets(&self, key: &[u8], primaries: &[NodeId]) -> Vec<(NodeId, Option<NodeId>)> {
+        let membership = &self.membership;
+        let mut fallbacks = membership
+            .ring()
+            .preference_list(key, usize::from(self.n), |id| membership.is_up(id))
+            .into_iter()
+            .filter(|entry| entry.role == Role::Fallback)
+            .map(|entry| entry.node);
+        primaries
+            .iter()
+            .filter(|p| **p != self.config.node)
+            .map(|p| {
+                if membership.is_up(p) {
+                    return (p.clone(), None);
+                }
+                match fallbacks.next() {
+                    Some(fallback) => (fallback, Some(p.clone())),
+                    None => (p.clone(), None),
+                }
+            })
+            .collect()
+    }
+
+    /// A coordinator asks this node to keep a write for `owner` as a hint.
+    fn on_hint(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        reqs: Vec<u64>,
+        owner: NodeId,
+        key: Vec<u8>,
+        set: DvvSet,
+    ) {
+        let ring = self.membership.ring();
+        let primaries = ring.primaries(ring.partition_for_key(&key), usize::from(self.n));
+        if primaries.contains(&self.config.node) {
+            // The coordinator's ring (or its view of who is up) differs from
+            // ours: this node is a primary, and keeps the write as one.
+            return self.on_replicate(now, from, reqs, &key, &set);
+        }
+        let refusal = if self.check_key(&key).is_err() {
+            Some(format!(
+                "hint refused: its key is empty or longer than {} bytes",
+                self.config.max_key_bytes
+            ))
+        } else if !primaries.contains(&owner) {
+            Some(format!(
+                "hint refused: {owner} is not a primary of the key here"
+            ))
+        } else if !self.hints.contains(&owner, &key) && self.hints.len() >= self.config.max_hints {
+            Some(format!(
+                "hint refused: {} holds {} hints, its limit (max_hints)",
+                self.config.node,
+                self.hints.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(error) = refusal {
+            tracing::warn!(peer = %from, "{error}");
+            self.handoff.refused += 1;
+            let ack = PeerMessage::ReplicateAck {
+                reqs,
+                error: Some(error),
+            };
+            return self.send(from, ack);
+        }
+        self.hlc_observe(now, from, &set);
+        let stored = handoff::hint_key(&owner, &key);
+        let mut hint = match self.load(HINT_PARTITION, &stored) {
+            Ok(hint) => hint.unwrap_or_default(),
+            Err(error) => {
+                let ack = PeerMessage::ReplicateAck {
+                    reqs,
+                    error: Some(error),
+                };
+                return self.send(from, ack);
+            }
+        };
+        version::merge_into(&mut hint, &set, self.config.versioning);
+        let waiter = PersistWaiter::ReplicaAck {
+            to: from.clone(),
+            reqs,
+        };
+        self.persist(HINT_PARTITION, stored, hint, waiter);
+        self.hints.insert(&owner, &key);
+        self.handoff.accepted += 1;
+        self.hints.arm(now);
+    }
+
+    /// Lists the hints storage holds (at start, or after a failed listing).
+    fn list_hints(&mut self, now: Millis) {
+        match self.store.scan(HINT_PARTITION, &|_| true) {
+            Ok(entries) => {
+                self.hints.unlisted = false;
+                for (stored, _) in entries {
+                    match handoff::split_hint_key(&stored) {
+                        Some((owner, key)) => {
+                            self.hints.insert(&owner, key);
+                        }
+                        None => tracing::error!(
+                            key = ?stored,
+                            "a stored hint's key is not one this version writes; it is left in place"
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the stored hints; retrying at the next handoff round");
+                self.hints.unlisted = true;
+            }
+        }
+        if self.hints.unlisted || !self.hints.is_empty() {
+            self.hints.arm(now);
+        }
+    }
+
+    /// One handoff round: every owner this node is connected to gets its
+    /// hints (up to a bound in flight), as the `Replicate` a coordinator
+    /// would have sent it.
+    fn hand_off(&mut self, now: Millis) {
+        if self.hints.unlisted {
+            self.list_hints(now);
+        }
+        for owner in self.hints.owners() {
+            if self.membership.reachability(&owner) != Reachability::Reachable {
+                continue;
+            }
+            for key in self.hints.take_to_send(&owner) {
+                let stored = handoff::hint_key(&owner, &key);
+                let sent = match self.load(HINT_PARTITION, &stored) {
+                    Ok(Some(set)) => set,
+                    Ok(None) => {
+                        self.hints.remove(&owner, &key);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, owner = %owner, "cannot read a hint to hand off");
+                        self.hints.landed(&owner, &key);
+                        continue;
+                    }
+                };
+                let req = self.next_request();
+                let msg = PeerMessage::Replicate {
+                    reqs: vec![req],
+                    key: key.clone(),
+                    set: sent.clone(),
+                };
+                self.send(&owner, msg);
+                let deadline = now + self.config.request_timeout_ms;
+                let handoff = PendingHandoff {
+                    owner: owner.clone(),
+                    key,
+                    sent,
+                    deadline,
+                };
+                self.insert_pending(req, Pending::Handoff(handoff));
+            }
+        }
+        if self.hints.unlisted || !self.hints.is_empty() {
+            self.hints.arm(now);
+        }
+    }
+
+    /// The owner answered a handoff: once it has persisted the hint, the hint
+    /// goes, unless a newer write merged into it meanwhile (that one is sent
+    /// at the next round).
+    fn on_handed_off(&mut self, handoff: PendingHandoff, error: Option<String>) {
+        let PendingHandoff {
+            owner, key, sent, ..
+        } = handoff;
+        self.hints.landed(&owner, &key);
+        if let Some(e) = error {
+            tracing::warn!(owner = %owner, error = %e, "a hint's owner could not persist it; retrying at the next round");
+            return;
+        }
+        let stored = handoff::hint_key(&owner, &key);
+        match self.load(HINT_PARTITION, &stored) {
+            Ok(Some(current)) if current == sent => {
+                self.persist_or_remove(HINT_PARTITION, stored, None, PersistWaiter::Nobody);
+                self.hints.remove(&owner, &key);
+                self.handoff.delivered += 1;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => self.hints.remove(&owner, &key),
+            Err(e) => tracing::error!(error = %e, owner = %owner, "cannot read a handed-off hint"),
+        }
     }
 
     // ---- anti-entropy -------------------------------------------------------
@@ -1215,9 +1519,13 @@ impl Node {
             .collect();
         if let Some(unsynced) = self.unsynced.get(&partition) {
             for (key, (set, _)) in unsynced {
-                if wanted(key) {
-                    entries.insert(key.clone(), set.clone());
+                if !wanted(key) {
+                    continue;
                 }
+                match set {
+                    Some(set) => entries.insert(key.clone(), set.clone()),
+                    None => entries.remove(key),
+                };
             }
         }
         entries.retain(|_, set| !anti_entropy::holds_nothing(set));

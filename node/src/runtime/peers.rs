@@ -143,6 +143,12 @@ fn estimated_bytes(msg: &PeerMessage) -> usize {
             PeerMessage::Replicate { reqs, key, set } => {
                 8 * reqs.len() + key.len() + set.estimated_bytes()
             }
+            PeerMessage::Hint {
+                reqs,
+                owner,
+                key,
+                set,
+            } => 8 * reqs.len() + owner.0.len() + key.len() + set.estimated_bytes(),
             PeerMessage::Repair { key, set } => key.len() + set.estimated_bytes(),
             PeerMessage::ReplicateAck { reqs, error } => {
                 8 * reqs.len() + error.as_ref().map_or(0, String::len)
@@ -714,6 +720,7 @@ fn kind(msg: &PeerMessage) -> &'static str {
         PeerMessage::Hello(_) => "Hello",
         PeerMessage::HelloRejected { .. } => "HelloRejected",
         PeerMessage::Replicate { .. } => "Replicate",
+        PeerMessage::Hint { .. } => "Hint",
         PeerMessage::ReplicateAck { .. } => "ReplicateAck",
         PeerMessage::Read { .. } => "Read",
         PeerMessage::ReadReply { .. } => "ReadReply",

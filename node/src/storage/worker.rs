@@ -300,14 +300,14 @@ impl Batch {
         // and never seen after a crash.
         if let Some(last) = self.writes.last_mut() {
             if last.partition == r.partition && last.key == r.key {
-                last.set = Some(r.set);
+                last.set = r.set;
                 return;
             }
         }
         self.writes.push(WriteOp {
             partition: r.partition,
             key: r.key,
-            set: Some(r.set),
+            set: r.set,
         });
     }
 

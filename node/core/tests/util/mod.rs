@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Default, Debug)]
 pub struct Disk {
     pub durable: BTreeMap<(u32, Vec<u8>), DvvSet>,
-    pub volatile: BTreeMap<(u32, Vec<u8>), DvvSet>,
+    /// Unsynced writes; `None` removes the key.
+    pub volatile: BTreeMap<(u32, Vec<u8>), Option<DvvSet>>,
     /// While set, every read fails (a broken disk).
     pub fail_reads: bool,
 }
@@ -31,11 +32,10 @@ impl LocalStore for DiskHandle {
             return Err(StoreError("injected read failure".into()));
         }
         let slot = (partition, key.to_vec());
-        Ok(disk
-            .volatile
-            .get(&slot)
-            .or_else(|| disk.durable.get(&slot))
-            .cloned())
+        Ok(match disk.volatile.get(&slot) {
+            Some(written) => written.clone(),
+            None => disk.durable.get(&slot).cloned(),
+        })
     }
 
     fn scan(
@@ -48,9 +48,17 @@ impl LocalStore for DiskHandle {
             return Err(StoreError("injected read failure".into()));
         }
         let mut all: BTreeMap<Vec<u8>, DvvSet> = BTreeMap::new();
-        for ((p, key), set) in disk.durable.iter().chain(disk.volatile.iter()) {
+        for ((p, key), set) in &disk.durable {
             if *p == partition && keep(key) {
                 all.insert(key.clone(), set.clone());
+            }
+        }
+        for ((p, key), written) in &disk.volatile {
+            if *p == partition && keep(key) {
+                match written {
+                    Some(set) => all.insert(key.clone(), set.clone()),
+                    None => all.remove(key),
+                };
             }
         }
         Ok(all.into_iter().collect())
@@ -331,10 +339,14 @@ impl Cluster {
                         // the core's overlay does): each write of a key must
                         // subsume the one before it, or the overwrite loses data.
                         let slot = (p.partition, p.key);
-                        if let Some(prev) = disk.volatile.get(&slot).or(disk.durable.get(&slot)) {
+                        let prev = match disk.volatile.get(&slot) {
+                            Some(written) => written.as_ref(),
+                            None => disk.durable.get(&slot),
+                        };
+                        if let (Some(prev), Some(set)) = (prev, &p.set) {
                             assert_eq!(
-                                dynamo_core::version::merge(prev, &p.set, versioning),
-                                p.set,
+                                &dynamo_core::version::merge(prev, set, versioning),
+                                set,
                                 "{id}: a write of {:?} does not subsume the one before it",
                                 slot.1
                             );
@@ -357,8 +369,12 @@ impl Cluster {
             moved = true;
             {
                 let mut disk = sim.disk.0.lock().unwrap();
-                let volatile = std::mem::take(&mut disk.volatile);
-                disk.durable.extend(volatile);
+                for (slot, written) in std::mem::take(&mut disk.volatile) {
+                    match written {
+                        Some(set) => disk.durable.insert(slot, set),
+                        None => disk.durable.remove(&slot),
+                    };
+                }
             }
             for id in std::mem::take(&mut sim.unsynced) {
                 sim.node.on_persisted(id, None);

@@ -1,0 +1,247 @@
+//! Sloppy quorum and hinted handoff, driven through the in-memory harness.
+
+mod util;
+
+use dynamo_core::handoff::{hint_key, HINT_PARTITION};
+use dynamo_core::Config;
+use dynamo_proto::{ClientError, ClientReply, DvvSet, NodeId, PeerMessage};
+use util::*;
+
+/// Five nodes, N = 3, R = 2, W = 3: with one primary down, a write reaches W
+/// only if a fallback's hint counts.
+fn cluster(sloppy: bool, max_hints: usize) -> Cluster {
+    let mut config: Config = quiet_config();
+    config.n = 3;
+    config.r = 2;
+    config.w = 3;
+    config.request_timeout_ms = 1_000;
+    config.sloppy_quorum = sloppy;
+    config.max_hints = max_hints;
+    let mut c = Cluster::with_config(5, config);
+    c.all_reachable();
+    c
+}
+
+/// Every node sees `node` as down (its connections failed) or back up.
+fn mark(c: &mut Cluster, node: &str, up: bool) {
+    let id = NodeId::from(node);
+    for sim in c.nodes.values_mut() {
+        if sim.node.id() != &id {
+            sim.node.set_reachable(&id, up);
+        }
+    }
+}
+
+/// `node` crashes out of reach: isolated and seen as down by everyone.
+fn take_down(c: &mut Cluster, node: &str) {
+    c.isolate(node);
+    mark(c, node, false);
+}
+
+fn bring_back(c: &mut Cluster, node: &str) {
+    c.heal();
+    mark(c, node, true);
+}
+
+/// What `holder` durably keeps as a hint for `owner` of `key`.
+fn durable_hint(c: &Cluster, holder: &str, owner: &str, key: &[u8]) -> Option<DvvSet> {
+    let stored = hint_key(&NodeId::from(owner), key);
+    let disk = c.nodes[&NodeId::from(holder)].disk.0.lock().unwrap();
+    disk.durable.get(&(HINT_PARTITION, stored)).cloned()
+}
+
+/// The key's three primaries and its first fallback, by name.
+fn roles(c: &Cluster, key: &[u8]) -> (Vec<String>, String) {
+    let primaries: Vec<String> = c.primaries(key).iter().map(|p| p.to_string()).collect();
+    let node = c.node(&primaries[0]);
+    let fallback = node
+        .membership()
+        .ring()
+        .preference_list(key, 3, |_| true)
+        .into_iter()
+        .find(|e| e.role == dynamo_core::ring::Role::Fallback)
+        .expect("five nodes leave two fallbacks")
+        .node
+        .to_string();
+    (primaries, fallback)
+}
+
+fn stats(c: &Cluster, node: &str) -> dynamo_core::handoff::Stats {
+    c.node(node).handoff_stats()
+}
+
+#[test]
+fn a_write_with_a_primary_down_is_hinted_to_a_fallback_counted_and_handed_off_on_return() {
+    let mut c = cluster(true, 100);
+    let key = b"hinted".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    let down = primaries[2].clone();
+    take_down(&mut c, &down);
+
+    let (dot, _) = expect_put(c.put(&primaries[0], &key, b"v1", None));
+    // The fallback persisted the write as a hint for the primary, not as data.
+    let hint = durable_hint(&c, &fallback, &down, &key).expect("the fallback holds a hint");
+    assert_eq!(set_values(&hint), ["v1"]);
+    assert_eq!(c.durable(&fallback, &key), None);
+    assert_eq!(c.durable(&down, &key), None);
+    assert_eq!(stats(&c, &fallback).held, 1);
+    assert_eq!(stats(&c, &fallback).accepted, 1);
+
+    // While the owner stays down, handoff rounds send nothing.
+    c.run_for(3_000);
+    assert_eq!(c.durable(&down, &key), None);
+    assert!(durable_hint(&c, &fallback, &down, &key).is_some());
+
+    bring_back(&mut c, &down);
+    c.run_for(1_500);
+    let handed = c.durable(&down, &key).expect("the owner got the hint");
+    assert_eq!(set_values(&handed), ["v1"]);
+    assert!(handed.siblings.contains_key(&dot));
+    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+    let s = stats(&c, &fallback);
+    assert_eq!((s.held, s.delivered), (0, 1));
+    // With no hint left, no handoff timer stays armed.
+    c.settle();
+    assert_eq!(c.node(&fallback).poll_timeout(), None);
+}
+
+#[test]
+fn without_a_sloppy_quorum_the_hint_is_kept_and_handed_off_but_not_counted() {
+    let mut c = cluster(false, 100);
+    let key = b"strict".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    let down = primaries[2].clone();
+    take_down(&mut c, &down);
+
+    let reply = c.put(&primaries[0], &key, b"v1", None);
+    assert_eq!(
+        reply,
+        ClientReply::Error(ClientError::Quorum {
+            op: "put".into(),
+            write: true,
+            needed: 3,
+            replied: 2,
+            n: 3,
+        })
+    );
+    assert!(durable_hint(&c, &fallback, &down, &key).is_some());
+    bring_back(&mut c, &down);
+    c.run_for(1_500);
+    assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v1"]);
+    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+}
+
+#[test]
+fn hints_survive_a_crash_of_their_holder() {
+    let mut c = cluster(true, 100);
+    let key = b"crash".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    let down = primaries[1].clone();
+    take_down(&mut c, &down);
+    expect_put(c.put(&primaries[0], &key, b"v1", None));
+
+    c.crash_and_restart(&fallback);
+    assert_eq!(stats(&c, &fallback).held, 1, "listed from storage at start");
+    c.all_reachable();
+    bring_back(&mut c, &down);
+    c.run_for(1_500);
+    assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v1"]);
+    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+}
+
+#[test]
+fn a_hint_that_changes_while_it_is_handed_off_is_kept_and_sent_again() {
+    let mut c = cluster(true, 100);
+    let key = b"moving".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    let down = primaries[2].clone();
+    take_down(&mut c, &down);
+    let (_, ctx) = expect_put(c.put(&primaries[0], &key, b"v1", None));
+
+    // The owner is back for the fallback only: the coordinator still hints.
+    c.heal();
+    let owner = NodeId::from(down.as_str());
+    c.node_mut(&fallback).node.set_reachable(&owner, true);
+    // Jump to the fallback's handoff round but do not deliver it yet...
+    let at = c
+        .node(&fallback)
+        .poll_timeout()
+        .expect("a handoff round is armed");
+    c.now = c.now.max(at);
+    let now = c.now;
+    c.node_mut(&fallback).node.handle_timeout(now);
+    // ...a second write of the key is hinted meanwhile.
+    let second = c.submit(&primaries[0], put_req(&key, Some(b"v2"), Some(ctx), None));
+    assert!(matches!(c.wait(second), ClientReply::Put { .. }));
+
+    // The first handoff landed but the hint holds v2 now: it stays...
+    let hint = durable_hint(&c, &fallback, &down, &key).expect("kept");
+    assert_eq!(set_values(&hint), ["v2"]);
+    // ...and the next round hands v2 over, then removes it.
+    c.run_for(2_500);
+    assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v2"]);
+    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+    assert_eq!(stats(&c, &fallback).delivered, 1);
+}
+
+#[test]
+fn hints_past_the_bound_or_for_a_non_primary_are_refused() {
+    let mut c = cluster(true, 1);
+    let keys: Vec<Vec<u8>> = (0..200).map(|i| format!("key-{i}").into_bytes()).collect();
+    // Two keys whose primaries include n5 and whose first fallback is the same.
+    let mut picked: Vec<(Vec<u8>, Vec<String>, String)> = Vec::new();
+    for key in keys {
+        let (primaries, fallback) = roles(&c, &key);
+        if primaries.iter().any(|p| p == "n5")
+            && picked.first().is_none_or(|(_, _, f)| *f == fallback)
+        {
+            picked.push((key, primaries, fallback));
+        }
+        if picked.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(picked.len(), 2, "two keys share a fallback");
+    take_down(&mut c, "n5");
+    let (k1, p1, fallback) = picked[0].clone();
+    let (k2, p2, _) = picked[1].clone();
+    let coordinator = |p: &[String]| p.iter().find(|n| *n != "n5").unwrap().clone();
+    expect_put(c.put(&coordinator(&p1), &k1, b"v1", None));
+    // The fallback is full: the second hint is refused and W = 3 is not met.
+    let reply = c.put(&coordinator(&p2), &k2, b"v2", None);
+    assert!(
+        matches!(
+            reply,
+            ClientReply::Error(ClientError::Quorum { needed: 3, .. })
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(durable_hint(&c, &fallback, "n5", &k2), None);
+    assert_eq!(stats(&c, &fallback).refused, 1);
+
+    // A hint naming a node that is not a primary of the key, from a buggy or
+    // hostile peer, is refused with an error acknowledgement.
+    let non_primary = ["n1", "n2", "n3", "n4", "n5"]
+        .into_iter()
+        .find(|n| !p1.iter().any(|p| p == n) && *n != fallback)
+        .unwrap();
+    let now = c.now;
+    c.node_mut(&fallback).node.handle_peer(
+        now,
+        &NodeId::from(p1[0].as_str()),
+        PeerMessage::Hint {
+            reqs: vec![77],
+            owner: NodeId::from(non_primary),
+            key: k1.clone(),
+            set: DvvSet::default(),
+        },
+    );
+    c.run_until_quiet();
+    let acks: Vec<&String> = c
+        .delivered
+        .iter()
+        .filter(|m| m.contains("reqs: [77]") && m.contains("is not a primary of the key"))
+        .collect();
+    assert_eq!(acks.len(), 1, "{:?}", c.delivered.last());
+    assert_eq!(durable_hint(&c, &fallback, non_primary, &k1), None);
+}

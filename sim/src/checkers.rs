@@ -247,7 +247,10 @@ pub fn no_resurrection(
 /// `[invoked, invoked + request_timeout]` lies in one window with a clean
 /// network, it was invoked at least `detector_timeout_ms` after that window
 /// started, the node it was sent to is up, and at most N - W (puts, deletes) or
-/// N - R (gets, with their effective R) of its key's primaries are down.
+/// N - R (gets, with their effective R) of its key's primaries are down. Under
+/// a sloppy quorum a write may also have as many more primaries down (crashed,
+/// paused, or with a failed disk) as there are other nodes up with working
+/// disks to stand in for them.
 pub fn availability(history: &History, final_state: &FinalState, params: &CheckParams) -> Verdict {
     availability_in(&Index::new(history, final_state, params))
 }
@@ -1051,7 +1054,25 @@ fn availability_in(ix: &Index) -> Verdict {
             (ix.effective_r(op), "R")
         };
         let tolerated = usize::from(p.n.saturating_sub(quorum));
-        if down.len() > tolerated {
+        // Under a sloppy quorum a primary that is down (a stalled or
+        // unreadable one looks up, so nothing stands in for it) is replaced by
+        // a node outside the key's primaries that is up and can persist.
+        let spares = if op.kind.is_write() && p.sloppy_quorum {
+            let replaceable = primaries
+                .iter()
+                .filter(|node| window.down.contains(*node))
+                .count();
+            let spare = ix
+                .final_state
+                .stored
+                .keys()
+                .filter(|node| !primaries.contains(node) && !unable(node))
+                .count();
+            replaceable.min(spare)
+        } else {
+            0
+        };
+        if down.len() > tolerated + spares {
             continue;
         }
         let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
@@ -1059,7 +1080,7 @@ fn availability_in(ix: &Index) -> Verdict {
             "{}: {} failed although invoked {}ms into a clean fault window [{}ms, {}ms) with \
              nodes down [{}], disks stalled [{}] and unreadable [{}], its node up, and {} of \
              its primaries [{}] unable to take part (N - {name} = {} - {} = {tolerated} \
-             tolerated)",
+             tolerated, plus {spares} fallback(s) able to stand in under a sloppy quorum)",
             show_key(key),
             show_op(op),
             op.invoked_ms - window.from_ms,
@@ -1951,6 +1972,41 @@ mod tests {
         assert!(is_failure(availability(&h.history(), &state, &p)));
         state.primaries.clear();
         assert_eq!(availability(&h.history(), &state, &p), Verdict::Pass);
+    }
+
+    #[test]
+    fn under_a_sloppy_quorum_writes_must_succeed_while_fallbacks_can_stand_in() {
+        // Window one: n1 and n2, two of the three primaries, are down; a put
+        // (W = 2) sent to n3 is excused with no other node, and not with n4
+        // up beside the primaries to stand in for one of them.
+        let mut h = Builder::new();
+        timed_out_put(5_000, "n3")(&mut h);
+        let sloppy = CheckParams {
+            fault_windows: windows(),
+            sloppy_quorum: true,
+            ..params()
+        };
+        let mut state = converged(&DvvSet::default());
+        assert_eq!(availability(&h.history(), &state, &sloppy), Verdict::Pass);
+        state.stored.insert("n4".into(), BTreeMap::new());
+        assert_fails(
+            availability(&h.history(), &state, &sloppy),
+            ViolationKind::Liveness,
+            &["op #1", "1 fallback(s) able to stand in"],
+        );
+        // Not with a strict quorum, nor with the spare node's disk stalled.
+        let strict = CheckParams {
+            sloppy_quorum: false,
+            ..sloppy.clone()
+        };
+        assert_eq!(availability(&h.history(), &state, &strict), Verdict::Pass);
+        let mut stalled = sloppy.clone();
+        stalled.fault_windows[0].stalled.insert("n4".into());
+        assert_eq!(availability(&h.history(), &state, &stalled), Verdict::Pass);
+        // A get gets no fallbacks: R = 2 with two primaries down is excused.
+        let mut h = Builder::new();
+        h.get((5_000, Some(6_000)), Outcome::TimedOut).to("n3");
+        assert_eq!(availability(&h.history(), &state, &sloppy), Verdict::Pass);
     }
 
     #[test]

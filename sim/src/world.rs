@@ -528,7 +528,9 @@ impl World {
                 .storage
                 .scan_partition(HINT_PARTITION, None, usize::MAX)
                 .map(|hints| hints.into_iter().map(|(key, _)| key).collect())
-                .unwrap_or_default();
+                // A scan that fails shows as a hint the checker cannot read,
+                // not as none.
+                .unwrap_or_else(|e| vec![format!("(the hint scan failed: {e})").into_bytes()]);
             state.hints.insert(node.name.clone(), hints);
         }
         state

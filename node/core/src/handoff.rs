@@ -68,15 +68,19 @@ pub fn split_hint_key(stored: &[u8]) -> Option<(NodeId, &[u8])> {
 pub struct Stats {
     /// Hints held now, over all owners.
     pub held: u64,
-    /// Hints this node accepted as a fallback.
+    /// Hints this node took as a fallback (handed to storage; the
+    /// acknowledgement waits for the write to be durable).
     pub accepted: u64,
-    /// Hints refused (the bound was reached, or the hint was malformed).
+    /// Hints refused: the bound was reached, or the hint came from or named a
+    /// node that is not a primary of the key here. (A hint whose set is
+    /// malformed is refused before, like any replication, and not counted.)
     pub refused: u64,
     /// Hints handed off: their owner persisted them and they were removed.
     pub delivered: u64,
 }
 
-/// The index of the hints a node holds, by owner, and the handoff timer.
+/// The index of the hints a node holds, by owner, and the handoff timer. The
+/// timer runs only while a round has work: hints whose owner is connected.
 #[derive(Debug)]
 pub struct Hints {
     by_owner: BTreeMap<NodeId, BTreeSet<Vec<u8>>>,
@@ -110,6 +114,10 @@ impl Hints {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    pub fn has_owner(&self, owner: &NodeId) -> bool {
+        self.by_owner.contains_key(owner)
     }
 
     pub fn contains(&self, owner: &NodeId, key: &[u8]) -> bool {
@@ -185,6 +193,11 @@ impl Hints {
     pub fn arm(&mut self, now: Millis) {
         let at = now.saturating_add(self.interval_ms);
         self.next_at = Some(self.next_at.map_or(at, |next| next.min(at)));
+    }
+
+    /// Arms the timer to fire at the next timeout, whatever the time.
+    pub fn arm_now(&mut self) {
+        self.next_at = Some(0);
     }
 
     pub fn next_at(&self) -> Option<Millis> {

@@ -426,12 +426,22 @@ impl Node {
     /// The shell learned whether `peer` is reachable (a connection made or lost).
     pub fn set_reachable(&mut self, peer: &NodeId, up: bool) {
         self.membership.set_reachable(peer, up);
+        if up && self.hints.has_owner(peer) {
+            // Its hints go at the next timeout, not an interval later.
+            self.hints.arm_now();
+        }
     }
 
     /// True when no request is in flight and no write awaits persistence, so a
-    /// node shutting down loses nothing by stopping now.
+    /// node shutting down loses nothing by stopping now. Hints being handed
+    /// off do not count: each stays stored until its owner acknowledged it,
+    /// and goes again after a restart.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.persist_waiters.is_empty() && self.outputs.is_empty()
+        self.pending
+            .values()
+            .all(|p| matches!(p, Pending::Handoff(_)))
+            && self.persist_waiters.is_empty()
+            && self.outputs.is_empty()
     }
 
     /// The next thing for the shell to do, if any.
@@ -506,6 +516,13 @@ impl Node {
             } => self.on_hint(now, from, reqs, owner, key, set),
             PeerMessage::ReplicateAck { reqs, error } => {
                 for req in reqs {
+                    if matches!(self.pending.get(&req), Some(Pending::Handoff(h)) if &h.owner == from)
+                    {
+                        if let Some(Pending::Handoff(handoff)) = self.remove_pending(req) {
+                            self.on_handed_off(now, handoff, error.clone());
+                        }
+                        continue;
+                    }
                     self.on_replicate_ack(from, req, error.clone());
                 }
             }
@@ -1050,12 +1067,6 @@ impl Node {
     }
 
     fn on_replicate_ack(&mut self, from: &NodeId, req: u64, error: Option<String>) {
-        if matches!(self.pending.get(&req), Some(Pending::Handoff(h)) if &h.owner == from) {
-            if let Some(Pending::Handoff(handoff)) = self.remove_pending(req) {
-                self.on_handed_off(handoff, error);
-            }
-            return;
-        }
         let Some(Pending::Put(put)) = self.pending.get_mut(&req) else {
             return;
         };
@@ -1268,7 +1279,11 @@ impl Node {
             // ours: this node is a primary, and keeps the write as one.
             return self.on_replicate(now, from, reqs, &key, &set);
         }
-        let refusal = if self.check_key(&key).is_err() {
+        let refusal = if !primaries.contains(from) {
+            Some(format!(
+                "hint refused: {from} is not a primary of the key here, and only a primary coordinates a write"
+            ))
+        } else if self.check_key(&key).is_err() {
             Some(format!(
                 "hint refused: its key is empty or longer than {} bytes",
                 self.config.max_key_bytes
@@ -1315,22 +1330,44 @@ impl Node {
         self.persist(HINT_PARTITION, stored, hint, waiter);
         self.hints.insert(&owner, &key);
         self.handoff.accepted += 1;
-        self.hints.arm(now);
+        if self.membership.reachability(&owner) == Reachability::Reachable {
+            self.hints.arm(now);
+        }
+    }
+
+    /// Whether a handoff round has anything to do: the stored hints are still
+    /// to be listed, or an owner of some is connected. Otherwise no timer
+    /// runs; a connection to an owner arms one (see [`Node::set_reachable`]).
+    fn handoff_wanted(&self) -> bool {
+        self.hints.unlisted
+            || self
+                .hints
+                .owners()
+                .iter()
+                .any(|o| self.membership.reachability(o) == Reachability::Reachable)
     }
 
     /// Lists the hints storage holds (at start, or after a failed listing).
     fn list_hints(&mut self, now: Millis) {
-        match self.store.scan(HINT_PARTITION, &|_| true) {
-            Ok(entries) => {
+        // Keys only: the filter sees every key and refuses it, so no stored
+        // set is decoded.
+        let keys = std::cell::RefCell::new(Vec::new());
+        let listed = self.store.scan(HINT_PARTITION, &|stored| {
+            keys.borrow_mut().push(stored.to_vec());
+            false
+        });
+        match listed {
+            Ok(_) => {
                 self.hints.unlisted = false;
-                for (stored, _) in entries {
+                for stored in keys.into_inner() {
                     match handoff::split_hint_key(&stored) {
-                        Some((owner, key)) => {
+                        Some((owner, key)) if self.membership.contains(&owner) => {
                             self.hints.insert(&owner, key);
                         }
-                        None => tracing::error!(
+                        _ => tracing::error!(
                             key = ?stored,
-                            "a stored hint's key is not one this version writes; it is left in place"
+                            "a stored hint names no member of this cluster (or is not one this \
+                             version writes); it is left in place and not handed off"
                         ),
                     }
                 }
@@ -1340,7 +1377,7 @@ impl Node {
                 self.hints.unlisted = true;
             }
         }
-        if self.hints.unlisted || !self.hints.is_empty() {
+        if self.handoff_wanted() {
             self.hints.arm(now);
         }
     }
@@ -1353,9 +1390,20 @@ impl Node {
             self.list_hints(now);
         }
         for owner in self.hints.owners() {
-            if self.membership.reachability(&owner) != Reachability::Reachable {
-                continue;
-            }
+            self.send_hints(now, &owner);
+        }
+        if self.handoff_wanted() {
+            self.hints.arm(now);
+        }
+    }
+
+    /// Sends `owner`, if connected, its hints not in flight, up to the bound.
+    fn send_hints(&mut self, now: Millis, owner: &NodeId) {
+        if self.membership.reachability(owner) != Reachability::Reachable {
+            return;
+        }
+        let owner = owner.clone();
+        {
             for key in self.hints.take_to_send(&owner) {
                 let stored = handoff::hint_key(&owner, &key);
                 let sent = match self.load(HINT_PARTITION, &stored) {
@@ -1387,15 +1435,12 @@ impl Node {
                 self.insert_pending(req, Pending::Handoff(handoff));
             }
         }
-        if self.hints.unlisted || !self.hints.is_empty() {
-            self.hints.arm(now);
-        }
     }
 
     /// The owner answered a handoff: once it has persisted the hint, the hint
     /// goes, unless a newer write merged into it meanwhile (that one is sent
     /// at the next round).
-    fn on_handed_off(&mut self, handoff: PendingHandoff, error: Option<String>) {
+    fn on_handed_off(&mut self, now: Millis, handoff: PendingHandoff, error: Option<String>) {
         let PendingHandoff {
             owner, key, sent, ..
         } = handoff;
@@ -1415,6 +1460,8 @@ impl Node {
             Ok(None) => self.hints.remove(&owner, &key),
             Err(e) => tracing::error!(error = %e, owner = %owner, "cannot read a handed-off hint"),
         }
+        // The slot is free: the next hint goes now, not at the next round.
+        self.send_hints(now, &owner);
     }
 
     // ---- anti-entropy -------------------------------------------------------

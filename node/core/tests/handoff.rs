@@ -87,13 +87,18 @@ fn a_write_with_a_primary_down_is_hinted_to_a_fallback_counted_and_handed_off_on
     assert_eq!(stats(&c, &fallback).held, 1);
     assert_eq!(stats(&c, &fallback).accepted, 1);
 
-    // While the owner stays down, handoff rounds send nothing.
+    // While the owner stays down, no handoff round runs (the cluster can
+    // settle) and the hint stays.
     c.run_for(3_000);
+    c.settle();
+    assert_eq!(c.node(&fallback).poll_timeout(), None);
     assert_eq!(c.durable(&down, &key), None);
     assert!(durable_hint(&c, &fallback, &down, &key).is_some());
 
+    // The owner's connection comes back: its hints go at once, not a round
+    // later.
     bring_back(&mut c, &down);
-    c.run_for(1_500);
+    c.run_for(1);
     let handed = c.durable(&down, &key).expect("the owner got the hint");
     assert_eq!(set_values(&handed), ["v1"]);
     assert!(handed.siblings.contains_key(&dot));
@@ -174,11 +179,15 @@ fn a_hint_that_changes_while_it_is_handed_off_is_kept_and_sent_again() {
     let second = c.submit(&primaries[0], put_req(&key, Some(b"v2"), Some(ctx), None));
     assert!(matches!(c.wait(second), ClientReply::Put { .. }));
 
-    // The first handoff landed but the hint holds v2 now: it stays...
-    let hint = durable_hint(&c, &fallback, &down, &key).expect("kept");
-    assert_eq!(set_values(&hint), ["v2"]);
-    // ...and the next round hands v2 over, then removes it.
-    c.run_for(2_500);
+    // The first handoff (v1) landed after the hint took v2: the hint stayed,
+    // and went again at once; once v2 landed it was removed.
+    let handoffs: Vec<&String> = c
+        .delivered
+        .iter()
+        .filter(|m| m.starts_with(&format!("{fallback}->{down}: Replicate")))
+        .collect();
+    assert_eq!(handoffs.len(), 2, "{handoffs:#?}");
+    assert!(handoffs[0].contains("[118, 49]") && handoffs[1].contains("[118, 50]"));
     assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v2"]);
     assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
     assert_eq!(stats(&c, &fallback).delivered, 1);
@@ -244,4 +253,62 @@ fn hints_past_the_bound_or_for_a_non_primary_are_refused() {
         .collect();
     assert_eq!(acks.len(), 1, "{:?}", c.delivered.last());
     assert_eq!(durable_hint(&c, &fallback, non_primary, &k1), None);
+
+    // Nor from a node that is not a primary of the key: only primaries
+    // coordinate writes.
+    let now = c.now;
+    c.node_mut(&fallback).node.handle_peer(
+        now,
+        &NodeId::from(non_primary),
+        PeerMessage::Hint {
+            reqs: vec![78],
+            owner: NodeId::from(p1[0].as_str()),
+            key: k1.clone(),
+            set: DvvSet::default(),
+        },
+    );
+    c.run_until_quiet();
+    assert!(
+        c.delivered
+            .iter()
+            .any(|m| m.contains("reqs: [78]") && m.contains("only a primary coordinates")),
+        "{:?}",
+        c.delivered.last()
+    );
+    assert_eq!(durable_hint(&c, &fallback, &p1[0], &k1), None);
+    assert_eq!(stats(&c, &fallback).refused, 3);
+}
+
+#[test]
+fn a_returning_owner_gets_every_hint_without_waiting_a_round_per_batch() {
+    let mut c = cluster(true, 10_000);
+    // Enough hints for one owner to need several batches of those in flight.
+    let down = "n5";
+    take_down(&mut c, down);
+    let mut hinted = 0;
+    for i in 0..2_000 {
+        let key = format!("bulk-{i}").into_bytes();
+        let primaries: Vec<String> = c.primaries(&key).iter().map(|p| p.to_string()).collect();
+        if !primaries.iter().any(|p| p == down) {
+            continue;
+        }
+        let coordinator = primaries.iter().find(|p| *p != down).unwrap().clone();
+        expect_put(c.put(&coordinator, &key, b"v", None));
+        hinted += 1;
+    }
+    let held: u64 = c.nodes.values().map(|s| s.node.handoff_stats().held).sum();
+    assert_eq!(held, hinted);
+    assert!(held > 2 * dynamo_core::handoff::MAX_IN_FLIGHT_PER_OWNER as u64);
+    // Well within one handoff interval (1 s) of the owner's return, every
+    // hint is handed off: each acknowledgement frees a slot for the next.
+    bring_back(&mut c, down);
+    c.run_for(1);
+    let left: u64 = c.nodes.values().map(|s| s.node.handoff_stats().held).sum();
+    assert_eq!(left, 0);
+    let delivered: u64 = c
+        .nodes
+        .values()
+        .map(|s| s.node.handoff_stats().delivered)
+        .sum();
+    assert_eq!(delivered, hinted);
 }

@@ -312,3 +312,19 @@ fn a_returning_owner_gets_every_hint_without_waiting_a_round_per_batch() {
         .sum();
     assert_eq!(delivered, hinted);
 }
+
+#[test]
+fn a_handoff_the_owner_never_answers_does_not_hold_back_a_shutdown() {
+    let mut c = cluster(true, 100);
+    let key = b"unanswered".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    let down = primaries[2].clone();
+    take_down(&mut c, &down);
+    expect_put(c.put(&primaries[0], &key, b"v1", None));
+    // The owner looks connected again but its messages still go nowhere.
+    mark(&mut c, &down, true);
+    c.run_for(1);
+    assert_eq!(c.durable(&down, &key), None, "nothing reached the owner");
+    assert!(c.node(&fallback).is_idle(), "only a handoff is in flight");
+    assert_eq!(stats(&c, &fallback).held, 1, "the hint stays stored");
+}

@@ -849,7 +849,7 @@ impl Client {
             mode,
         };
         match self.call_for_key(key, request).await? {
-            (_, ClientReply::Put { dot, context }) => Ok((dot, context)),
+            (_, ClientReply::Put { dot, context, .. }) => Ok((dot, context)),
             (addr, other) => Err(unexpected(addr, name, other)),
         }
     }
@@ -1511,6 +1511,7 @@ mod tests {
                                             counter: 1,
                                         },
                                         context: Context::default(),
+                                        sloppy: false,
                                     },
                                     ClientRequest::LocalGet { .. } => ClientReply::LocalGet(None),
                                 };

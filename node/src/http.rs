@@ -1040,6 +1040,7 @@ mod tests {
         let f = fake(move |_| {
             Some(ClientReply::Put {
                 dot: dot(1, 5),
+                sloppy: false,
                 context: reply.clone(),
             })
         })
@@ -1088,6 +1089,7 @@ mod tests {
         fake(|_| {
             Some(ClientReply::Put {
                 dot: dot(1, 2),
+                sloppy: false,
                 context: context_of(&[dot(1, 2)]),
             })
         })
@@ -1370,6 +1372,7 @@ mod tests {
         let f = fake(|_| {
             Some(ClientReply::Put {
                 dot: dot(1, 1),
+                sloppy: false,
                 context: context_of(&[dot(1, 1)]),
             })
         })

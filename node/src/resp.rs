@@ -594,6 +594,7 @@ mod tests {
                             };
                             ClientReply::Put {
                                 dot: sibling(None, 1, 1).0,
+                                sloppy: false,
                                 context: Context::default(),
                             }
                         }

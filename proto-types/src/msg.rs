@@ -70,9 +70,13 @@ pub enum ClientReply {
     Get(GetReply),
     /// The dot this write minted, and the context of this write: it covers the
     /// new value and what the request's context covered, nothing else.
+    /// `sloppy`: fewer than W primaries had persisted it when it was
+    /// acknowledged, fallbacks' hints making up the rest (sloppy quorum);
+    /// until the hints are handed off, a read with R + W > N may miss it.
     Put {
         dot: Dot,
         context: Context,
+        sloppy: bool,
     },
     LocalGet(Option<DvvSet>),
     ClusterInfo(ClusterInfo),

@@ -179,10 +179,11 @@ pub fn reply_contexts(
     reply_contexts_in(&Index::new(history, final_state, params))
 }
 
-/// Invariant 2, under strict quorums. Skipped under a sloppy quorum (a write
-/// acknowledged by fallbacks' hints need not be on R primaries until it is
-/// handed off: Dynamo's trade of consistency for write availability), and
-/// unless R + W > N and acknowledged writes are durable (as for [`no_lost_writes`]: a crash that loses an
+/// Invariant 2, under strict quorums. Writes whose reply says fallbacks' hints
+/// made up W (a sloppy quorum) are left out: until the hints are handed off
+/// such a write need not be on R primaries (Dynamo's trade of consistency for
+/// write availability). Skipped unless R + W > N and acknowledged writes are
+/// durable (as for [`no_lost_writes`]: a crash that loses an
 /// acknowledged write on W nodes breaks the quorum intersection). For every get
 /// with a reply whose effective R (its own, or the default) satisfies R + W > N,
 /// and every write (put or delete) of the same key acknowledged strictly before
@@ -227,8 +228,9 @@ pub fn no_false_siblings(
 /// Invariant 7. For every acknowledged write (delete or put) with a request
 /// context C, no sibling whose dot C covers is in the merged final state of the
 /// key's primaries, nor in the reply of a get invoked after the write completed
-/// (gets are checked only when their effective R satisfies R + W > N, and not
-/// under a sloppy quorum: otherwise a get may legitimately read a stale replica). Skipped in LWW mode,
+/// (gets are checked only when their effective R satisfies R + W > N, and
+/// only against writes acknowledged by W primaries: otherwise a get may
+/// legitimately read a stale replica). Skipped in LWW mode,
 /// where a write with a smaller timestamp loses even to what its context covers
 /// (clock skew; documented in `Versioning::Lww`), and unless acknowledged writes
 /// are durable (as for [`no_lost_writes`]: a lost delete lets what it deleted
@@ -343,14 +345,10 @@ impl<'a> Index<'a> {
         }
     }
 
-    /// Whether `get`'s quorum must intersect every acknowledged write's:
-    /// R + W > N, and only primaries count towards W (under a sloppy quorum a
-    /// write may be acknowledged by fallbacks' hints, on fewer than W
-    /// primaries until they are handed off).
+    /// Whether `get`'s quorum must intersect that of every write acknowledged
+    /// by W primaries (see [`on_w_primaries`]): R + W > N.
     fn strict_read(&self, get: &Op) -> bool {
-        !self.params.sloppy_quorum
-            && u16::from(self.effective_r(get)) + u16::from(self.params.w)
-                > u16::from(self.params.n)
+        u16::from(self.effective_r(get)) + u16::from(self.params.w) > u16::from(self.params.n)
     }
 }
 
@@ -385,6 +383,13 @@ fn may_apply(op: &Op) -> bool {
 }
 
 /// The value a write stores (`None` for a delete's tombstone).
+/// Whether an acknowledged write was on W primaries when it was acknowledged:
+/// under a sloppy quorum fallbacks' hints may have made up W (the reply says
+/// so), and until they are handed off a quorum of primaries may miss it.
+fn on_w_primaries(op: &Op) -> bool {
+    !matches!(op.outcome, Outcome::Written { sloppy: true, .. })
+}
+
 fn written_value(op: &Op) -> Option<&[u8]> {
     match &op.kind {
         OpKind::Put { value, .. } => Some(value),
@@ -723,7 +728,7 @@ fn writer_note(ix: &Index, key: &Key, dot: &Dot, sibling: &Sibling) -> String {
 
 fn reply_contexts_in(ix: &Index) -> Verdict {
     for op in &ix.history.ops {
-        let Outcome::Written { dot, context } = &op.outcome else {
+        let Outcome::Written { dot, context, .. } = &op.outcome else {
             continue;
         };
         let mut expected = op.kind.context().cloned().unwrap_or_default();
@@ -747,11 +752,6 @@ fn reply_contexts_in(ix: &Index) -> Verdict {
 
 fn read_your_writes_in(ix: &Index) -> Verdict {
     let p = ix.params;
-    if p.sloppy_quorum {
-        return Verdict::Skipped(
-            "sloppy quorum: fallbacks' hints count towards W, so quorums need not intersect".into(),
-        );
-    }
     if u16::from(p.r) + u16::from(p.w) <= u16::from(p.n) {
         return Verdict::Skipped(format!(
             "R + W = {} + {} <= N = {}: quorums need not intersect",
@@ -773,7 +773,7 @@ fn read_your_writes_in(ix: &Index) -> Verdict {
             let Some(dot) = written_dot(write) else {
                 continue;
             };
-            if !completed_before(write, get.invoked_ms) {
+            if !completed_before(write, get.invoked_ms) || !on_w_primaries(write) {
                 continue;
             }
             let held = reply.siblings.iter().any(|(d, _)| *d == dot);
@@ -945,7 +945,10 @@ fn no_resurrection_in(ix: &Index) -> Verdict {
         }
         let key = get.kind.key();
         for write in ix.ops_of(key) {
-            if !write.acknowledged() || !completed_before(write, get.invoked_ms) {
+            if !write.acknowledged()
+                || !completed_before(write, get.invoked_ms)
+                || !on_w_primaries(write)
+            {
                 continue;
             }
             let Some(ctx) = write.kind.context() else {
@@ -1184,7 +1187,11 @@ mod tests {
     fn written(d: Dot, request: Option<&Context>) -> Outcome {
         let mut context = request.cloned().unwrap_or_default();
         context_insert(&mut context, d);
-        Outcome::Written { dot: d, context }
+        Outcome::Written {
+            dot: d,
+            context,
+            sloppy: false,
+        }
     }
 
     struct Builder {
@@ -1543,14 +1550,25 @@ mod tests {
             read_your_writes(&h.history(), &FinalState::default(), &weak),
             Verdict::Skipped(_)
         ));
-        let sloppy = CheckParams {
-            sloppy_quorum: true,
-            ..params()
-        };
-        assert!(matches!(
-            read_your_writes(&h.history(), &FinalState::default(), &sloppy),
-            Verdict::Skipped(_)
-        ));
+        // A write whose reply says fallbacks' hints made up W need not be on
+        // a quorum of primaries yet: it is left out.
+        let mut sloppy = Builder::new();
+        sloppy
+            .put(
+                "v1",
+                None,
+                (0, Some(10)),
+                Outcome::Written {
+                    dot: a1,
+                    context: ctx(&[a1]),
+                    sloppy: true,
+                },
+            )
+            .get((20, Some(30)), reply(&DvvSet::default()));
+        assert_eq!(
+            read_your_writes(&sloppy.history(), &FinalState::default(), &params()),
+            Verdict::Pass
+        );
     }
 
     // -- hint drain -------------------------------------------------------
@@ -2069,6 +2087,7 @@ mod tests {
             let outcome = Outcome::Written {
                 dot: out.dot,
                 context: out.reply_context.clone(),
+                sloppy: false,
             };
             match value {
                 Some(v) => h.put(v, context, (now, Some(now + 10)), outcome),

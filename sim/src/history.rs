@@ -48,8 +48,13 @@ impl OpKind {
 pub enum Outcome {
     /// Never completed (the run ended, or the client gave up without an answer).
     Pending,
-    /// A write acknowledged with the dot it minted and the context of that write.
-    Written { dot: Dot, context: Context },
+    /// A write acknowledged with the dot it minted and the context of that
+    /// write; `sloppy` when fallbacks' hints made up W (see `ClientReply::Put`).
+    Written {
+        dot: Dot,
+        context: Context,
+        sloppy: bool,
+    },
     /// A read's siblings and context.
     Read(GetReply),
     /// The node answered with an error. `definite` is true when the error

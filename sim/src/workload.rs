@@ -229,9 +229,17 @@ pub fn outcome_of(
 ) -> Outcome {
     match reply {
         None => Outcome::TimedOut,
-        Some(ClientReply::Put { dot, context }) => {
+        Some(ClientReply::Put {
+            dot,
+            context,
+            sloppy,
+        }) => {
             contexts.insert(key.clone(), context.clone());
-            Outcome::Written { dot, context }
+            Outcome::Written {
+                dot,
+                context,
+                sloppy,
+            }
         }
         Some(ClientReply::Get(reply)) => {
             contexts.insert(key.clone(), reply.context.clone());

@@ -139,7 +139,11 @@ enum Origin {
 #[derive(Debug)]
 struct PendingPut {
     origin: Origin,
+    /// The nodes whose acknowledgements count towards W: primaries, and under
+    /// a sloppy quorum the fallbacks standing in for primaries that look down.
     primaries: Vec<NodeId>,
+    /// The fallbacks among them.
+    fallbacks: BTreeSet<NodeId>,
     needed: u8,
     acked: BTreeSet<NodeId>,
     failed: BTreeSet<NodeId>,
@@ -964,6 +968,7 @@ impl Node {
         }
         let req = self.next_request();
         let mut voters = vec![self.config.node.clone()];
+        let mut fallbacks = BTreeSet::new();
         for (to, owner) in self.write_targets(&key, &primaries) {
             match owner {
                 None => self.replicate(&to, req, &key, &outcome.set),
@@ -983,6 +988,7 @@ impl Node {
                         voters.push(owner);
                         continue;
                     }
+                    fallbacks.insert(to.clone());
                 }
             }
             voters.push(to);
@@ -996,6 +1002,7 @@ impl Node {
         let put = PendingPut {
             origin,
             primaries: voters,
+            fallbacks,
             needed,
             acked: BTreeSet::new(),
             failed: BTreeSet::new(),
@@ -1085,9 +1092,11 @@ impl Node {
         let n = put.primaries.len() as u8;
         if !put.answered && put.acked.len() >= usize::from(put.needed) {
             put.answered = true;
+            let from_primaries = put.acked.difference(&put.fallbacks).count();
             let reply = ClientReply::Put {
                 dot: put.dot,
                 context: put.reply_context.clone(),
+                sloppy: from_primaries < usize::from(put.needed),
             };
             let origin = put.origin.clone();
             self.answer(origin, reply);

@@ -78,7 +78,14 @@ fn a_write_with_a_primary_down_is_hinted_to_a_fallback_counted_and_handed_off_on
     let down = primaries[2].clone();
     take_down(&mut c, &down);
 
-    let (dot, _) = expect_put(c.put(&primaries[0], &key, b"v1", None));
+    // Two primaries and a fallback's hint make W = 3: the reply says so.
+    let reply = c.put(&primaries[0], &key, b"v1", None);
+    let ClientReply::Put {
+        dot, sloppy: true, ..
+    } = reply
+    else {
+        panic!("expected a sloppy put, got {reply:?}");
+    };
     // The fallback persisted the write as a hint for the primary, not as data.
     let hint = durable_hint(&c, &fallback, &down, &key).expect("the fallback holds a hint");
     assert_eq!(set_values(&hint), ["v1"]);
@@ -147,6 +154,15 @@ fn hints_survive_a_crash_of_their_holder() {
 
     c.crash_and_restart(&fallback);
     assert_eq!(stats(&c, &fallback).held, 1, "listed from storage at start");
+    // With every primary up, a write is on W primaries: not sloppy.
+    mark(&mut c, &down, true);
+    c.heal();
+    let reply = c.put(&primaries[0], b"other", b"v", None);
+    assert!(
+        matches!(reply, ClientReply::Put { sloppy: false, .. }),
+        "{reply:?}"
+    );
+    take_down(&mut c, &down);
     c.all_reachable();
     bring_back(&mut c, &down);
     c.run_for(1_500);

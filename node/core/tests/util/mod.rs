@@ -436,7 +436,7 @@ pub fn expect_get(reply: ClientReply) -> GetReply {
 
 pub fn expect_put(reply: ClientReply) -> (dynamo_proto::Dot, Context) {
     match reply {
-        ClientReply::Put { dot, context } => (dot, context),
+        ClientReply::Put { dot, context, .. } => (dot, context),
         other => panic!("expected a put reply, got {other:?}"),
     }
 }

@@ -1412,43 +1412,41 @@ impl Node {
             return;
         }
         let owner = owner.clone();
-        {
-            for key in self.hints.take_to_send(&owner) {
-                let stored = handoff::hint_key(&owner, &key);
-                let sent = match self.load(HINT_PARTITION, &stored) {
-                    Ok(Some(set)) => set,
-                    Ok(None) => {
-                        self.hints.remove(&owner, &key);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, owner = %owner, "cannot read a hint to hand off");
-                        self.hints.landed(&owner, &key);
-                        continue;
-                    }
-                };
-                let req = self.next_request();
-                let msg = PeerMessage::Replicate {
-                    reqs: vec![req],
-                    key: key.clone(),
-                    set: sent.clone(),
-                };
-                self.send(&owner, msg);
-                let deadline = now + self.config.request_timeout_ms;
-                let handoff = PendingHandoff {
-                    owner: owner.clone(),
-                    key,
-                    sent,
-                    deadline,
-                };
-                self.insert_pending(req, Pending::Handoff(handoff));
-            }
+        for key in self.hints.take_to_send(&owner) {
+            let stored = handoff::hint_key(&owner, &key);
+            let sent = match self.load(HINT_PARTITION, &stored) {
+                Ok(Some(set)) => set,
+                Ok(None) => {
+                    self.hints.remove(&owner, &key);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, owner = %owner, "cannot read a hint to hand off");
+                    self.hints.landed(&owner, &key);
+                    continue;
+                }
+            };
+            let req = self.next_request();
+            let msg = PeerMessage::Replicate {
+                reqs: vec![req],
+                key: key.clone(),
+                set: sent.clone(),
+            };
+            self.send(&owner, msg);
+            let deadline = now + self.config.request_timeout_ms;
+            let handoff = PendingHandoff {
+                owner: owner.clone(),
+                key,
+                sent,
+                deadline,
+            };
+            self.insert_pending(req, Pending::Handoff(handoff));
         }
     }
 
     /// The owner answered a handoff: once it has persisted the hint, the hint
     /// goes, unless a newer write merged into it meanwhile (that one is sent
-    /// at the next round).
+    /// again, with the next hint the freed slot lets go).
     fn on_handed_off(&mut self, now: Millis, handoff: PendingHandoff, error: Option<String>) {
         let PendingHandoff {
             owner, key, sent, ..

@@ -66,6 +66,45 @@ fn roles(c: &Cluster, key: &[u8]) -> (Vec<String>, String) {
     (primaries, fallback)
 }
 
+/// `down` comes back; soon after it holds `key`'s "v1" and `fallback` no
+/// hint for it.
+fn assert_handed_off_on_return(c: &mut Cluster, fallback: &str, down: &str, key: &[u8]) {
+    bring_back(c, down);
+    c.run_for(1_500);
+    assert_eq!(set_values(&c.durable(down, key).unwrap()), ["v1"]);
+    assert_eq!(durable_hint(c, fallback, down, key), None);
+}
+
+/// Hands `to` a `Hint` of `key` for `owner` as if `from` sent it, lets the
+/// cluster run, and returns the acknowledgement `to` sent back (its text).
+fn deliver_hint(
+    c: &mut Cluster,
+    (to, from): (&str, &str),
+    req: u64,
+    owner: &str,
+    (key, set): (&[u8], DvvSet),
+) -> String {
+    let now = c.now;
+    c.node_mut(to).node.handle_peer(
+        now,
+        &NodeId::from(from),
+        PeerMessage::Hint {
+            reqs: vec![req],
+            owner: NodeId::from(owner),
+            key: key.to_vec(),
+            set,
+        },
+    );
+    c.run_until_quiet();
+    let ack = format!("{to}->{from}: ReplicateAck {{ reqs: [{req}]");
+    c.delivered
+        .iter()
+        .rev()
+        .find(|m| m.starts_with(&ack))
+        .cloned()
+        .unwrap_or_else(|| panic!("no acknowledgement of {req}: {:?}", c.delivered.last()))
+}
+
 fn stats(c: &Cluster, node: &str) -> dynamo_core::handoff::Stats {
     c.node(node).handoff_stats()
 }
@@ -137,10 +176,7 @@ fn without_a_sloppy_quorum_the_hint_is_kept_and_handed_off_but_not_counted() {
         })
     );
     assert!(durable_hint(&c, &fallback, &down, &key).is_some());
-    bring_back(&mut c, &down);
-    c.run_for(1_500);
-    assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v1"]);
-    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+    assert_handed_off_on_return(&mut c, &fallback, &down, &key);
 }
 
 #[test]
@@ -164,10 +200,7 @@ fn hints_survive_a_crash_of_their_holder() {
     );
     take_down(&mut c, &down);
     c.all_reachable();
-    bring_back(&mut c, &down);
-    c.run_for(1_500);
-    assert_eq!(set_values(&c.durable(&down, &key).unwrap()), ["v1"]);
-    assert_eq!(durable_hint(&c, &fallback, &down, &key), None);
+    assert_handed_off_on_return(&mut c, &fallback, &down, &key);
 }
 
 #[test]
@@ -250,47 +283,26 @@ fn hints_past_the_bound_or_for_a_non_primary_are_refused() {
         .into_iter()
         .find(|n| !p1.iter().any(|p| p == n) && *n != fallback)
         .unwrap();
-    let now = c.now;
-    c.node_mut(&fallback).node.handle_peer(
-        now,
-        &NodeId::from(p1[0].as_str()),
-        PeerMessage::Hint {
-            reqs: vec![77],
-            owner: NodeId::from(non_primary),
-            key: k1.clone(),
-            set: DvvSet::default(),
-        },
+    let ack = deliver_hint(
+        &mut c,
+        (&fallback, &p1[0]),
+        77,
+        non_primary,
+        (&k1, DvvSet::default()),
     );
-    c.run_until_quiet();
-    let acks: Vec<&String> = c
-        .delivered
-        .iter()
-        .filter(|m| m.contains("reqs: [77]") && m.contains("is not a primary of the key"))
-        .collect();
-    assert_eq!(acks.len(), 1, "{:?}", c.delivered.last());
+    assert!(ack.contains("is not a primary of the key"), "{ack}");
     assert_eq!(durable_hint(&c, &fallback, non_primary, &k1), None);
 
     // Nor from a node that is not a primary of the key: only primaries
     // coordinate writes.
-    let now = c.now;
-    c.node_mut(&fallback).node.handle_peer(
-        now,
-        &NodeId::from(non_primary),
-        PeerMessage::Hint {
-            reqs: vec![78],
-            owner: NodeId::from(p1[0].as_str()),
-            key: k1.clone(),
-            set: DvvSet::default(),
-        },
+    let ack = deliver_hint(
+        &mut c,
+        (&fallback, non_primary),
+        78,
+        &p1[0],
+        (&k1, DvvSet::default()),
     );
-    c.run_until_quiet();
-    assert!(
-        c.delivered
-            .iter()
-            .any(|m| m.contains("reqs: [78]") && m.contains("only a primary coordinates")),
-        "{:?}",
-        c.delivered.last()
-    );
+    assert!(ack.contains("only a primary coordinates"), "{ack}");
     assert_eq!(durable_hint(&c, &fallback, &p1[0], &k1), None);
     assert_eq!(stats(&c, &fallback).refused, 3);
 }
@@ -343,4 +355,51 @@ fn a_handoff_the_owner_never_answers_does_not_hold_back_a_shutdown() {
     assert_eq!(c.durable(&down, &key), None, "nothing reached the owner");
     assert!(c.node(&fallback).is_idle(), "only a handoff is in flight");
     assert_eq!(stats(&c, &fallback).held, 1, "the hint stays stored");
+}
+
+#[test]
+fn a_hint_reaching_a_primary_of_its_key_is_kept_as_a_replica_keeps_it() {
+    // The coordinator's view differed: the node it took for a fallback is a
+    // primary here. It stores the write as data and acknowledges it.
+    let mut c = cluster(true, 100);
+    let key = b"primary-here".to_vec();
+    let (primaries, fallback) = roles(&c, &key);
+    take_down(&mut c, &primaries[1]);
+    expect_put(c.put(&primaries[0], &key, b"v1", None));
+    let hint = durable_hint(&c, &fallback, &primaries[1], &key).expect("hinted");
+    c.heal();
+    assert_eq!(c.durable(&primaries[1], &key), None);
+    let ack = deliver_hint(
+        &mut c,
+        (&primaries[1], &primaries[0]),
+        79,
+        &primaries[2],
+        (&key, hint),
+    );
+    assert!(ack.contains("error: None"), "{ack}");
+    assert_eq!(set_values(&c.durable(&primaries[1], &key).unwrap()), ["v1"]);
+    assert_eq!(durable_hint(&c, &primaries[1], &primaries[2], &key), None);
+    assert_eq!(stats(&c, &primaries[1]).accepted, 0);
+}
+
+#[test]
+fn a_stored_hint_for_a_node_outside_the_cluster_is_left_alone() {
+    // A hint whose owner left the member list (or a data directory from
+    // another cluster) is neither listed nor sent, so no timer runs for it.
+    let mut c = cluster(true, 100);
+    let stray = hint_key(&NodeId::from("n9"), b"k");
+    c.node_mut("n1")
+        .disk
+        .0
+        .lock()
+        .unwrap()
+        .durable
+        .insert((HINT_PARTITION, stray.clone()), DvvSet::default());
+    c.crash_and_restart("n1");
+    c.all_reachable();
+    assert_eq!(stats(&c, "n1").held, 0);
+    c.settle();
+    assert_eq!(c.node("n1").poll_timeout(), None);
+    let disk = c.nodes[&NodeId::from("n1")].disk.0.lock().unwrap();
+    assert!(disk.durable.contains_key(&(HINT_PARTITION, stray)));
 }
